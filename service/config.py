@@ -1,0 +1,97 @@
+"""Every setting of the service, read once from the environment (prefix `SDSERVE_`).
+
+No other module reads environment variables. Deployments receive a `Settings` object from the
+application builder, so a Serve config file can override any field through its `args`.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_ID = "stable-diffu"
+DEMO_API_KEY = "sdserve-demo-key"
+
+
+class Settings(BaseSettings):
+    """Runtime settings of the ingress and the generator."""
+
+    model_config = SettingsConfigDict(env_prefix="SDSERVE_", extra="forbid")
+
+    # models
+    models: dict[str, str] = Field(
+        default_factory=lambda: {DEFAULT_MODEL_ID: "models/tiny-sd2"},
+        description="model_id -> diffusers model folder (JSON in SDSERVE_MODELS).",
+    )
+    default_model_id: str = Field(DEFAULT_MODEL_ID, description="Used when model_id is omitted.")
+    device: str = Field("auto", description="'auto' picks cuda when available, else cpu.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="'auto' is float16 on cuda and float32 on cpu."
+    )
+    warmup: bool = Field(True, description="Run one tiny generation per model at replica start.")
+
+    # request bounds (operator-configurable; see docs/api.md)
+    min_size: int = Field(256, description="Smallest width/height in pixels.")
+    max_size: int = Field(1024, description="Largest width/height in pixels.")
+    max_steps: int = Field(50, description="Largest num_inference_steps.")
+    max_samples: int = Field(4, description="Largest number of images per request.")
+    max_body_bytes: int = Field(64 * 1024, description="Requests with larger bodies are refused.")
+
+    # storage
+    database_url: str = Field(
+        "sqlite:///data/sdserve.db", description="SQLAlchemy URL (SQLite file or PostgreSQL)."
+    )
+    image_store_url: str = Field(
+        "data/images", description="fsspec URL of the folder images are written to."
+    )
+    public_base_url: str = Field(
+        "http://127.0.0.1:8000", description="Base of every URL the API returns."
+    )
+
+    # keys, plans and prices
+    demo_key: str | None = Field(
+        DEMO_API_KEY,
+        description="A pay-per-use admin key created at start if missing (for the demo); "
+        "set to empty to create none.",
+    )
+    demo_key_balance_usd: Decimal = Field(Decimal("10"), description="Demo key's first balance.")
+    default_price_per_image_usd: Decimal = Field(
+        Decimal("0.0047"), description="Price of one image of a model without its own price."
+    )
+    prices_usd: dict[str, Decimal] = Field(
+        default_factory=dict, description="model_id -> USD per image (JSON in SDSERVE_PRICES_USD)."
+    )
+    free_images_per_month: int = Field(25, description="Images a free-plan key gets per month.")
+    max_concurrent_requests: dict[str, int] = Field(
+        default_factory=lambda: {"free": 5, "pay_per_use": 10, "premium": 15},
+        description="Per plan: requests a key may have queued or running at once.",
+    )
+    gpu_hour_price_usd: Decimal = Field(
+        Decimal("2.50"), description="What one GPU-hour costs the operator (cost to serve)."
+    )
+
+    # request lifecycle
+    sync_window_s: float = Field(
+        60.0, description="How long text2img waits for images before answering 'processing'."
+    )
+    eta_seconds_per_step: float = Field(
+        0.05, description="Rough per-step time used for the `eta` of processing responses."
+    )
+    webhook_timeout_s: float = Field(30.0, description="Per-attempt timeout of a webhook POST.")
+    webhook_attempts: int = Field(3, description="Webhook POST attempts before giving up.")
+    webhook_backoff_s: float = Field(1.0, description="First retry delay; doubles per attempt.")
+    strict_http_status: bool = Field(
+        False, description="Answer errors with 4xx codes instead of ModelsLab's HTTP 200."
+    )
+
+    def model_paths(self) -> dict[str, Path]:
+        return {model_id: Path(path) for model_id, path in self.models.items()}
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, with explicit overrides (from a Serve config) on top."""
+    return Settings(**overrides)

@@ -1,0 +1,58 @@
+"""What the engine is asked to do and what it gives back.
+
+These types are the only thing the serving layer knows about the engine: plain data that
+crosses the Ray object store, with no torch or diffusers inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One text-to-image request, already validated and with defaults applied.
+
+    `seed` is always resolved (never random here): image i of the request uses `seed + i`.
+    `clip_skip` follows the ModelsLab/A1111 convention: 1 means the text encoder's last layer.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    model_id: str = "stable-diffu"
+    width: int = 768
+    height: int = 768
+    samples: int = 1
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    seed: int = 0
+    scheduler: str = "UniPCMultistepScheduler"
+    use_karras_sigmas: bool = True
+    algorithm_type: str | None = None
+    clip_skip: int = 1
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call (same latent shape and timesteps)."""
+        return (
+            self.model_id,
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.scheduler,
+            self.use_karras_sigmas,
+            self.algorithm_type,
+        )
+
+
+@dataclass
+class GenerationOutput:
+    """The images of one request, as HxWx3 uint8 arrays, and how they were made."""
+
+    images: list[np.ndarray]
+    seed: int
+    prompt_truncated: bool = False
+    batch_size: int = 1  # images in the pipeline call this request was part of
+    inference_seconds: float = 0.0  # wall time of that pipeline call
+    extra: dict = field(default_factory=dict)
