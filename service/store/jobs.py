@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, func, select, update
-from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
+from service.config import Settings
+from service.pricing import PlanLimits, usd_to_micros
+from service.store import ledger
 from service.store.db import Base
+from service.store.errors import ConcurrencyLimitExceeded, InvalidApiKey
+from service.store.keys import ApiKey, KeyRecord
 
 
 class JobStatus(enum.StrEnum):
@@ -86,28 +93,62 @@ class JobRecord:
 
 
 class JobStore:
-    """Creates jobs and moves them from processing to success or failed, exactly once."""
+    """Creates jobs and moves them from processing to success or failed, exactly once.
 
-    def __init__(self, sessions: sessionmaker):
+    Each move pays for itself in the same transaction: creating a job reserves its cost,
+    finishing settles it, failing releases it.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker,
+        limits: PlanLimits | Settings,
+        *,
+        clock: Callable[[], datetime] | None = None,
+    ):
         self._sessions = sessions
+        self._limits = (
+            limits if isinstance(limits, PlanLimits) else PlanLimits.from_settings(limits)
+        )
+        self._clock = clock or (lambda: datetime.now(UTC))
 
     def create(
         self,
         *,
         request_id: str,
-        key_hash: str,
+        key: KeyRecord,
         model_id: str,
         samples: int,
         params: dict,
         meta: dict,
         output_names: list[str],
+        unit_price: Decimal,
         webhook: str | None = None,
         track_id: str | None = None,
     ) -> JobRecord:
+        """Accept a request for `key`: check it may run and can pay for all images, then reserve.
+
+        Raises InvalidApiKey (revoked meanwhile), ConcurrencyLimitExceeded or InsufficientCredit;
+        then nothing is written.
+        """
+        if samples < 1:
+            raise ValueError(f"samples must be at least 1, got {samples}")
+        unit_price_micros = usd_to_micros(unit_price)
+        if unit_price_micros < 0:
+            raise ValueError(f"unit_price must not be negative, got {unit_price}")
+        now = self._clock()
         with self._sessions.begin() as session:
+            # The key row's lock serializes every check-then-debit of one key (PostgreSQL);
+            # SQLite's BEGIN IMMEDIATE already serializes all writers.
+            row = session.scalar(select(ApiKey).where(ApiKey.id == key.id).with_for_update())
+            if row is None or row.revoked_at is not None:
+                raise InvalidApiKey()
+            limit = self._limits.concurrency(row.plan)
+            if _count_processing(session, row.key_hash) >= limit:
+                raise ConcurrencyLimitExceeded(limit)
             job = Job(
                 request_id=request_id,
-                key_hash=key_hash,
+                key_hash=row.key_hash,
                 status=JobStatus.PROCESSING.value,
                 model_id=model_id,
                 samples=samples,
@@ -117,12 +158,21 @@ class JobStore:
                 webhook=webhook,
                 webhook_status="",
                 track_id=track_id,
-                created_at=datetime.now(UTC),
+                created_at=now,
             )
             session.add(job)
             session.flush()
-            meta_with_id = {**meta, "id": job.id}
-            job.meta = meta_with_id
+            job.meta = {**meta, "id": job.id}
+            ledger.reserve(
+                session,
+                row,
+                job_id=job.id,
+                model_id=model_id,
+                images=samples,
+                unit_price_micros=unit_price_micros,
+                limits=self._limits,
+                now=now,
+            )
             session.flush()
             return JobRecord.of(job)
 
@@ -134,26 +184,31 @@ class JobStore:
     def finish(
         self, job_id: int, *, generation_time: float, meta_updates: dict | None = None
     ) -> bool:
-        """Mark a processing job successful; False if it had already ended."""
+        """Mark a processing job successful and settle its charge; False if it had ended."""
         with self._sessions.begin() as session:
             job = session.get(Job, job_id, with_for_update=True)
             if job is None or job.status != JobStatus.PROCESSING:
                 return False
+            now = self._clock()
             job.status = JobStatus.SUCCESS.value
             job.generation_time = generation_time
             job.meta = {**job.meta, **(meta_updates or {})}
-            job.finished_at = datetime.now(UTC)
+            job.finished_at = now
+            ledger.settle(session, job_id, now=now)
             return True
 
     def fail(self, job_id: int, message: str) -> bool:
-        """Mark a processing job failed; False if it had already ended."""
+        """Mark a processing job failed and refund its reservation; False if it had ended."""
         with self._sessions.begin() as session:
-            result = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
-                .values(status=JobStatus.FAILED.value, message=message, finished_at=datetime.now(UTC))
-            )
-            return result.rowcount == 1
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None or job.status != JobStatus.PROCESSING:
+                return False
+            now = self._clock()
+            job.status = JobStatus.FAILED.value
+            job.message = message
+            job.finished_at = now
+            ledger.release(session, job_id, now=now)
+            return True
 
     def set_webhook_status(self, job_id: int, webhook_status: str) -> None:
         with self._sessions.begin() as session:
@@ -162,12 +217,9 @@ class JobStore:
             )
 
     def count_processing(self, key_hash: str) -> int:
+        """Requests of a key queued or running (`/api/v6/processing/request_count`)."""
         with self._sessions() as session:
-            return session.scalar(
-                select(func.count())
-                .select_from(Job)
-                .where(Job.key_hash == key_hash, Job.status == JobStatus.PROCESSING.value)
-            )
+            return _count_processing(session, key_hash)
 
     def processing(self) -> list[JobRecord]:
         """Every job still processing (after a restart: the orphans to re-dispatch or fail)."""
@@ -176,3 +228,11 @@ class JobStore:
                 select(Job).where(Job.status == JobStatus.PROCESSING.value).order_by(Job.id)
             )
             return [JobRecord.of(job) for job in jobs]
+
+
+def _count_processing(session: Session, key_hash: str) -> int:
+    return session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.key_hash == key_hash, Job.status == JobStatus.PROCESSING.value)
+    )

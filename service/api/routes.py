@@ -1,0 +1,229 @@
+"""HTTP routes: thin, each hands its body to ImageService. Paths are ModelsLab's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Body, FastAPI, Path, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from service.api.errors import ErrorKind, install_error_handlers
+from service.api.protocol import (
+    ErrorResponse,
+    FailedResponse,
+    FetchRequest,
+    KeyedRequest,
+    ProcessingResponse,
+    SuccessResponse,
+    SystemLoadResponse,
+    Text2ImgRequest,
+)
+from service.api.text2img import ImageService
+
+JOB_RESPONSES = {
+    200: {
+        "description": "success, processing or failed job; errors use the error envelope",
+        "model": SuccessResponse | ProcessingResponse | FailedResponse | ErrorResponse,
+    },
+    429: {"description": "too many requests queued for this key", "model": ErrorResponse},
+}
+
+router = APIRouter()
+
+
+def _service(request: Request) -> ImageService:
+    return request.app.state.service
+
+
+def _headers(request: Request) -> dict[str, str]:
+    return {k.lower(): v for k, v in request.headers.items()}
+
+
+Text2ImgBody = Annotated[Text2ImgRequest, Body()]
+FetchBody = Annotated[FetchRequest | None, Body()]
+JobId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The `id` of a text2img response.")]
+
+
+@router.post("/api/v6/images/text2img", responses=JOB_RESPONSES, tags=["v6"])
+async def text2img_v6(request: Request, body: Text2ImgBody):
+    """Generate images from a prompt (the main ModelsLab endpoint)."""
+    return await _service(request).text2img(body, _headers(request), "v6")
+
+
+@router.post("/api/v6/images/fetch/{job_id}", responses=JOB_RESPONSES, tags=["v6"])
+async def fetch_v6(request: Request, job_id: JobId, body: FetchBody = None):
+    """The job's current state: what `fetch_result` points to."""
+    return await _service(request).fetch(body or FetchRequest(), _headers(request), job_id, "v6")
+
+
+@router.post("/api/v6/images/fetch", responses=JOB_RESPONSES, tags=["v6"])
+async def fetch_v6_by_body(request: Request, body: FetchBody = None):
+    """The documented fetch form: `request_id` in the body."""
+    return await _service(request).fetch(body or FetchRequest(), _headers(request), None, "v6")
+
+
+@router.post("/api/v7/images/text-to-image", responses=JOB_RESPONSES, tags=["v7"])
+async def text2img_v7(request: Request, body: Text2ImgBody):
+    """The newer API generation's text-to-image (same fields and bodies as v6)."""
+    return await _service(request).text2img(body, _headers(request), "v7")
+
+
+@router.post("/api/v7/images/fetch/{job_id}", responses=JOB_RESPONSES, tags=["v7"])
+async def fetch_v7(request: Request, job_id: JobId, body: FetchBody = None):
+    return await _service(request).fetch(body or FetchRequest(), _headers(request), job_id, "v7")
+
+
+@router.post("/api/v3/text2img", responses=JOB_RESPONSES, tags=["v3"])
+async def text2img_v3(request: Request, body: Text2ImgBody):
+    """Legacy text2img: no model_id, always the default model."""
+    body.model_id = None
+    return await _service(request).text2img(body, _headers(request), "v3")
+
+
+@router.post("/api/v3/fetch/{job_id}", responses=JOB_RESPONSES, tags=["v3"])
+async def fetch_v3(request: Request, job_id: JobId, body: FetchBody = None):
+    return await _service(request).fetch(body or FetchRequest(), _headers(request), job_id, "v3")
+
+
+@router.post("/api/v4/dreambooth", responses=JOB_RESPONSES, tags=["v4"])
+async def text2img_v4(request: Request, body: Text2ImgBody):
+    """Legacy community-models API: same fields as v6."""
+    return await _service(request).text2img(body, _headers(request), "v4")
+
+
+@router.post("/api/v4/dreambooth/fetch", responses=JOB_RESPONSES, tags=["v4"])
+async def fetch_v4(request: Request, body: FetchBody = None):
+    return await _service(request).fetch(body or FetchRequest(), _headers(request), None, "v4")
+
+
+@router.post("/api/v4/dreambooth/fetch/{job_id}", responses=JOB_RESPONSES, tags=["v4"])
+async def fetch_v4_by_path(request: Request, job_id: JobId, body: FetchBody = None):
+    return await _service(request).fetch(body or FetchRequest(), _headers(request), job_id, "v4")
+
+
+@router.post("/api/v4/dreambooth/model_list", tags=["v4"])
+async def model_list(request: Request, body: Annotated[KeyedRequest | None, Body()] = None):
+    """The models this server serves."""
+    service = _service(request)
+    await service.authenticate(body or KeyedRequest(), _headers(request))
+    return [
+        {
+            "model_id": info.model_id,
+            "model_name": info.model_id,
+            "status": "model_ready",
+            "model_category": "stable_diffusion",
+            "width": info.width,
+            "height": info.height,
+            "price_per_image_usd": str(service.prices.price_per_image(info.model_id)),
+        }
+        for info in map(service.registry.get, service.registry.ids())
+    ]
+
+
+@router.post("/api/v3/system_load", response_model=SystemLoadResponse, tags=["v3"])
+async def system_load(request: Request, body: Annotated[KeyedRequest | None, Body()] = None):
+    """Jobs queued or running and the estimated seconds to clear them."""
+    service = _service(request)
+    await service.authenticate(body or KeyedRequest(), _headers(request))
+    return await service.system_load()
+
+
+@router.post("/api/v6/processing/request_count", tags=["v6"])
+async def request_count(request: Request, body: Annotated[KeyedRequest | None, Body()] = None):
+    """How many of this key's requests are queued or running."""
+    service = _service(request)
+    key = await service.authenticate(body or KeyedRequest(), _headers(request))
+    count = await service.processing_count(key)
+    return {
+        "status": "success",
+        "processing_count": count,
+        "message": f"{count} requests processing",
+    }
+
+
+@router.get("/images/{name:path}", tags=["images"], include_in_schema=True)
+async def image(request: Request, name: str):
+    """An output file; future links answer 404 until their image exists."""
+    data = await _read_image(_service(request), name)
+    if data is None:
+        return JSONResponse({"status": "error", "message": "Not found", "messege": "Not found"}, 404)
+    if name.endswith(".base64"):
+        return PlainTextResponse(data.decode("ascii"))
+    return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=86400"})
+
+
+async def _read_image(service: ImageService, name: str) -> bytes | None:
+    return await asyncio.to_thread(service.images.read, name)
+
+
+@router.get("/healthz", tags=["ops"])
+async def healthz():
+    """The process is up."""
+    return {"status": "ok"}
+
+
+class BodySizeLimit:
+    """Refuses bodies over `limit` bytes without reading more than that (ASGI middleware).
+
+    Bodies are small, so the middleware reads the whole body first and replays it to the app.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or {}).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(send)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send):
+        message = f"request body is larger than the limit of {self.limit} bytes"
+        body = json.dumps({"status": "error", "message": message, "messege": message}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": ErrorKind.TOO_LARGE.strict_status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(max_body_bytes: int, strict_http_status: bool) -> FastAPI:
+    """The FastAPI app; `app.state.service` is set by whoever owns the ImageService."""
+    app = FastAPI(
+        title="sdserve",
+        description="Self-hosted Stable Diffusion 2.0 speaking the ModelsLab API.",
+        version="0.1.0",
+    )
+    app.include_router(router)
+    install_error_handlers(app, strict_http_status)
+    app.add_middleware(BodySizeLimit, limit=max_body_bytes)
+    return app

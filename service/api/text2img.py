@@ -1,0 +1,313 @@
+"""The text-to-image request lifecycle, independent of HTTP framework and of Ray.
+
+accept (auth, validate, reserve, job row) -> generate (injected) -> store images -> settle
+-> webhook. A request waits up to the sync window for its images; past it, or with
+`instant_response`, it answers `processing` and the job finishes in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+
+import httpx
+
+from service.api.errors import ApiError, ErrorKind
+from service.api.protocol import FetchRequest, KeyedRequest, RequestError, Text2ImgRequest
+from service.config import Settings
+from service.engine.protocol import GenerationOutput, GenerationParams
+from service.pricing import PriceList
+from service.registry import ModelRegistry
+from service.store.errors import ConcurrencyLimitExceeded, InsufficientCredit
+from service.store.images import ImageStore, output_names
+from service.store.jobs import JobRecord, JobStatus, JobStore
+from service.store.keys import KeyRecord, KeyStore
+
+log = logging.getLogger(__name__)
+
+GenerateFn = Callable[[GenerationParams], Awaitable[GenerationOutput]]
+
+# Each API generation answers with fetch links of its own family.
+FETCH_PATHS = {
+    "v6": "/api/v6/images/fetch/{id}",
+    "v7": "/api/v7/images/fetch/{id}",
+    "v3": "/api/v3/fetch/{id}",
+    "v4": "/api/v4/dreambooth/fetch/{id}",
+}
+
+
+class ImageService:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        jobs: JobStore,
+        keys: KeyStore,
+        prices: PriceList,
+        images: ImageStore,
+        registry: ModelRegistry,
+        generate: GenerateFn,
+    ):
+        self.settings = settings
+        self.jobs = jobs
+        self.keys = keys
+        self.prices = prices
+        self.images = images
+        self.registry = registry
+        self._generate = generate
+        self._base_url = settings.public_base_url.rstrip("/")
+        self._running: dict[int, asyncio.Task] = {}
+        self._webhooks: set[asyncio.Task] = set()
+
+    # ---- auth ---------------------------------------------------------------------------------
+
+    async def authenticate(self, body: KeyedRequest, headers: dict[str, str]) -> KeyRecord:
+        plaintext = body.key or _key_from_headers(headers)
+        if not plaintext:
+            raise ApiError(ErrorKind.AUTH, "Invalid API key: key is required")
+        record = await asyncio.to_thread(self.keys.authenticate, plaintext.strip())
+        if record is None:
+            raise ApiError(ErrorKind.AUTH, "Invalid API key")
+        return record
+
+    # ---- text2img -----------------------------------------------------------------------------
+
+    async def text2img(self, body: Text2ImgRequest, headers: dict[str, str], family: str) -> dict:
+        key = await self.authenticate(body, headers)
+        if body.ignored_fields():
+            log.info("ignored unknown fields: %s", ", ".join(body.ignored_fields()))
+        try:
+            params, options = body.to_params(self.settings, self.registry.sizes())
+        except RequestError as exc:
+            raise ApiError(ErrorKind.VALIDATION, str(exc)) from None
+
+        request_id = str(uuid.uuid4())
+        file_prefix = uuid.uuid4().hex
+        names = output_names(file_prefix, params.samples, options["base64"], options["temp"])
+        meta = self._meta(params, options, request_id, file_prefix)
+        try:
+            job = await asyncio.to_thread(
+                self.jobs.create,
+                request_id=request_id,
+                key=key,
+                model_id=params.model_id,
+                samples=params.samples,
+                params=asdict(params),
+                meta=meta,
+                output_names=names,
+                unit_price=self.prices.price_per_image(params.model_id),
+                webhook=options["webhook"],
+                track_id=options["track_id"],
+            )
+        except ConcurrencyLimitExceeded as exc:
+            raise ApiError(
+                ErrorKind.RATE_LIMIT,
+                f"Too many requests: at most {exc.limit} requests of this key may be queued "
+                "or running at once",
+                retry_after=self._eta(params),
+            ) from None
+        except InsufficientCredit as exc:
+            raise ApiError(ErrorKind.CREDIT, str(exc)) from None
+
+        task = asyncio.create_task(self._run(job, params))
+        self._running[job.id] = task
+        task.add_done_callback(lambda _t, job_id=job.id: self._running.pop(job_id, None))
+
+        if options["instant_response"]:
+            return self._processing_body(job, family, "Request accepted; fetch the result later")
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.settings.sync_window_s)
+        except TimeoutError:
+            return self._processing_body(job, family, "Request is processing; fetch it later")
+        except Exception:
+            pass  # the job row already says how it failed
+        return await self.job_body(job.id, family)
+
+    def _meta(self, params: GenerationParams, options: dict, request_id: str, prefix: str) -> dict:
+        return {
+            "prompt": params.prompt,
+            "model_id": params.model_id,
+            "negative_prompt": params.negative_prompt,
+            "scheduler": params.scheduler,
+            "W": params.width,
+            "H": params.height,
+            "width": params.width,
+            "height": params.height,
+            "guidance_scale": params.guidance_scale,
+            "seed": params.seed,
+            "steps": params.num_inference_steps,
+            "n_samples": params.samples,
+            "use_karras_sigmas": "yes" if params.use_karras_sigmas else "no",
+            "algorithm_type": params.algorithm_type or "none",
+            "lora": None,
+            "lora_strength": None,
+            "clip_skip": params.clip_skip,
+            "safety_checker": "no",
+            "base64": "yes" if options["base64"] else "no",
+            "temp": "yes" if options["temp"] else "no",
+            "instant_response": "yes" if options["instant_response"] else "no",
+            "track_id": options["track_id"],
+            "webhook": options["webhook"],
+            "file_prefix": prefix,
+            "request_id": request_id,
+            "not_applied": options["not_applied"],
+        }
+
+    async def _run(self, job: JobRecord, params: GenerationParams) -> None:
+        """Generate, store, settle; on any failure mark the job failed (which releases its
+        reservation). Exactly one of the two happens, whatever else runs concurrently."""
+        started = time.perf_counter()
+        try:
+            output = await self._generate(params)
+            await asyncio.to_thread(self._store_images, job.output_names, output.images)
+            updates = {
+                "seed": output.seed,
+                "batch_size": output.batch_size,
+                "inference_seconds": round(output.inference_seconds, 4),
+                "prompt_truncated": output.prompt_truncated,
+            }
+            elapsed = round(time.perf_counter() - started, 4)
+            await asyncio.to_thread(self.jobs.finish, job.id, generation_time=elapsed, meta_updates=updates)
+        except Exception as exc:
+            log.exception("job %s failed", job.id)
+            message = f"Image generation failed: {_short_reason(exc)}"
+            await asyncio.to_thread(self.jobs.fail, job.id, message)
+            raise
+        finally:
+            if job.webhook:
+                hook = asyncio.create_task(self._deliver_webhook(job.id))
+                self._webhooks.add(hook)
+                hook.add_done_callback(self._webhooks.discard)
+
+    def _store_images(self, names: list[str], images: list) -> None:
+        if len(images) != len(names):
+            raise RuntimeError(f"generator returned {len(images)} images, expected {len(names)}")
+        for name, image in zip(names, images, strict=True):
+            self.images.write(name, image)
+
+    # ---- fetch --------------------------------------------------------------------------------
+
+    async def fetch(self, body: FetchRequest, headers: dict[str, str], job_id: int | None, family: str) -> dict:
+        key = await self.authenticate(body, headers)
+        job_id = job_id if job_id is not None else body.request_id
+        if job_id is None:
+            raise ApiError(ErrorKind.VALIDATION, "request_id is required")
+        job = await asyncio.to_thread(self.jobs.get, job_id)
+        # Another key's job is reported exactly like a missing one.
+        if job is None or job.key_hash != key.key_hash:
+            raise ApiError(ErrorKind.NOT_FOUND, f"Request id {job_id} not found")
+        return await self.job_body(job_id, family, job)
+
+    async def job_body(self, job_id: int, family: str, job: JobRecord | None = None) -> dict:
+        job = job or await asyncio.to_thread(self.jobs.get, job_id)
+        if job.status is JobStatus.SUCCESS:
+            urls = self.urls(job.output_names)
+            return {
+                "status": "success",
+                "generationTime": job.generation_time,
+                "id": job.id,
+                "output": urls,
+                "proxy_links": urls,
+                "nsfw_content_detected": False,
+                "webhook_status": job.webhook_status,
+                "tip": "",
+                "meta": job.meta,
+            }
+        if job.status is JobStatus.FAILED:
+            return {
+                "status": "failed",
+                "id": job.id,
+                "message": job.message,
+                "messege": job.message,
+                "output": [],
+                "webhook_status": job.webhook_status,
+                "track_id": job.track_id,
+            }
+        return self._processing_body(job, family, "Request is processing")
+
+    def _processing_body(self, job: JobRecord, family: str, message: str) -> dict:
+        return {
+            "status": "processing",
+            "id": job.id,
+            "eta": self._eta(GenerationParams(**job.params)),
+            "message": message,
+            "messege": message,
+            "fetch_result": self._base_url + FETCH_PATHS[family].format(id=job.id),
+            "output": [],
+            "future_links": self.urls(job.output_names),
+            "webhook_status": job.webhook_status,
+            "tip": "",
+            "meta": job.meta,
+        }
+
+    def urls(self, names: list[str]) -> list[str]:
+        return [f"{self._base_url}/images/{name}" for name in names]
+
+    def _eta(self, params: GenerationParams) -> float:
+        pixels = params.width * params.height / (768 * 768)
+        per_image = params.num_inference_steps * self.settings.eta_seconds_per_step * pixels
+        return round(max(1.0, per_image * params.samples), 2)
+
+    # ---- load ---------------------------------------------------------------------------------
+
+    async def system_load(self) -> dict:
+        processing = await asyncio.to_thread(self.jobs.processing)
+        queue_time = sum(self._eta(GenerationParams(**job.params)) for job in processing)
+        return {"queue_num": len(processing), "queue_time": round(queue_time, 2), "status": "ok"}
+
+    async def processing_count(self, key: KeyRecord) -> int:
+        return await asyncio.to_thread(self.jobs.count_processing, key.key_hash)
+
+    # ---- webhooks -----------------------------------------------------------------------------
+
+    async def _deliver_webhook(self, job_id: int) -> None:
+        """POST the fetch body (failure: status failed) a bounded number of times with backoff;
+        a 2xx within the timeout counts as delivered. Never affects the job itself."""
+        job = await asyncio.to_thread(self.jobs.get, job_id)
+        payload = await self.job_body(job_id, "v6", job)
+        payload["track_id"] = job.track_id
+        delay = self.settings.webhook_backoff_s
+        status = "failed"
+        async with httpx.AsyncClient(
+            timeout=self.settings.webhook_timeout_s, follow_redirects=False
+        ) as client:
+            for attempt in range(1, self.settings.webhook_attempts + 1):
+                try:
+                    response = await client.post(job.webhook, json=payload)
+                    if 200 <= response.status_code < 300:
+                        status = "success"
+                        break
+                    log.warning("webhook for job %s got HTTP %s", job_id, response.status_code)
+                except httpx.HTTPError as exc:
+                    log.warning("webhook for job %s failed: %s", job_id, type(exc).__name__)
+                if attempt < self.settings.webhook_attempts:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+        await asyncio.to_thread(self.jobs.set_webhook_status, job_id, status)
+
+    async def drain(self) -> None:
+        """Wait for running jobs and webhook deliveries (tests and graceful shutdown)."""
+        pending = list(self._running.values()) + list(self._webhooks)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _key_from_headers(headers: dict[str, str]) -> str | None:
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    return headers.get("key") or None
+
+
+def _short_reason(exc: BaseException) -> str:
+    """A message fit for a client: the error's type and first line, never a traceback."""
+    cause = exc
+    # Ray wraps replica errors; the innermost cause says what happened.
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {text}"[:300] if text else type(cause).__name__

@@ -1,0 +1,126 @@
+"""`sdserve`: serve the API, build the tiny demo model, manage keys, read usage."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import yaml
+
+DEFAULT_SERVE_CONFIG = "serve_config.yaml"
+TINY_MODEL_DIR = "models/tiny-sd2"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sdserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_cmd = commands.add_parser("serve", help="serve the API on a local Ray cluster")
+    serve_cmd.add_argument("--config", default=DEFAULT_SERVE_CONFIG, help="Serve config YAML")
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.set_defaults(run=_serve)
+
+    tiny = commands.add_parser("tiny-model", help="write the tiny random-weight SD2 demo model")
+    tiny.add_argument("directory", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_tiny_model)
+
+    migrate_cmd = commands.add_parser("migrate", help="bring the database schema up to date")
+    migrate_cmd.set_defaults(run=_migrate)
+
+    from service.store.admin_cli import add_subcommands
+
+    add_subcommands(commands)
+
+    args = parser.parse_args(argv)
+    return args.run(args) or 0
+
+
+def _tiny_model(args) -> int:
+    from service.engine.tiny_model import build_tiny_model
+
+    path = build_tiny_model(args.directory, seed=args.seed)
+    print(f"tiny SD2-architecture model (random weights) written to {path}")
+    return 0
+
+
+def _migrate(_args) -> int:
+    from service.config import load_settings
+    from service.store.db import make_engine, migrate
+
+    migrate(make_engine(load_settings().database_url))
+    print("database schema is up to date")
+    return 0
+
+
+def load_serve_config(path: str) -> tuple[dict, dict]:
+    """The first application's `args` and the `http_options` of a Serve config file."""
+    config_path = Path(path)
+    if not config_path.exists():
+        return {}, {}
+    config = yaml.safe_load(config_path.read_text()) or {}
+    apps = config.get("applications") or [{}]
+    return apps[0].get("args") or {}, config.get("http_options") or {}
+
+
+def _ensure_models(settings_overrides: dict) -> None:
+    """Build the tiny demo model when the configured default is the (missing) demo folder."""
+    from service.config import load_settings
+
+    settings = load_settings(**settings_overrides)
+    for model_id, path in settings.model_paths().items():
+        if path.exists():
+            continue
+        if path == Path(TINY_MODEL_DIR):
+            from service.engine.tiny_model import build_tiny_model
+
+            print(f"no model at {path}: building the tiny demo model (it draws noise)")
+            build_tiny_model(path)
+        else:
+            raise SystemExit(f"model '{model_id}': folder {path} does not exist")
+
+
+def _serve(args) -> int:
+    import ray
+    from ray import serve
+
+    from service.config import load_settings
+    from service.serving.app import build_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app_args, http_options = load_serve_config(args.config)
+    overrides = dict(app_args.get("settings") or {})
+    overrides.setdefault("public_base_url", f"http://{args.host}:{args.port}")
+    app_args = {**app_args, "settings": overrides}
+    _ensure_models(overrides)
+    settings = load_settings(**overrides)
+
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={**http_options, "host": args.host, "port": args.port})
+        serve.run(build_app(app_args), name="sdserve", route_prefix="/")
+        base = settings.public_base_url.rstrip("/")
+        print(f"\nsdserve is serving on {base}")
+        print(f"  POST {base}/api/v6/images/text2img")
+        print(f"  API docs: {base}/docs")
+        if settings.demo_key:
+            print(f"  demo API key: {settings.demo_key}")
+        print("Press Ctrl-C to stop.\n", flush=True)
+        stop.wait()
+    finally:
+        print("stopping…", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

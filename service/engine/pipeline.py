@@ -1,0 +1,359 @@
+"""The image-generation engine: diffusers' SD2 components driven by our own denoising loop.
+
+diffusers' `StableDiffusionPipeline.__call__` runs one prompt setting at a time. Here one UNet
+forward per step serves every image of every request in the batch, while each request keeps
+its own scheduler and one `torch.Generator` per image, so a request's image does not depend on
+what else shares its batch. No Ray and no HTTP here: plain data in, numpy images out.
+"""
+
+# ruff: noqa: E402
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are always local files
+
+import inspect
+import json
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from service.engine.protocol import GenerationOutput, GenerationParams
+from service.engine.schedulers import build_scheduler, validate_scheduler_options
+
+CLIP_MAX_TOKENS = 77  # CLIP's context, BOS and EOS included
+
+
+@dataclass
+class RequestState:
+    """One request in flight: its scheduler, generators, latents and text embeddings.
+
+    The denoising loop only ever advances a list of these, which is what lets requests at
+    different steps share a UNet forward later (step-level continuous batching).
+    """
+
+    params: GenerationParams
+    scheduler: SchedulerMixin
+    generators: list[torch.Generator]
+    timesteps: torch.Tensor
+    cond_embeds: torch.Tensor  # (samples, tokens, dim)
+    uncond_embeds: torch.Tensor | None  # None when guidance_scale <= 1 (no CFG, as in diffusers)
+    latents: torch.Tensor | None = None  # (samples, 4, height / 8, width / 8)
+    step_kwargs: dict = field(default_factory=dict)
+    step: int = 0
+    prompt_truncated: bool = False
+
+    @property
+    def samples(self) -> int:
+        return self.params.samples
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.timesteps)
+
+
+class Engine:
+    """Loads diffusers-format SD models by id and generates batches of requests with them."""
+
+    max_prompt_tokens: int = CLIP_MAX_TOKENS
+
+    def __init__(
+        self,
+        models: Mapping[str, str | Path],
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        generator_device: str = "cpu",
+        vae_batch_size: int = 1,
+    ) -> None:
+        """`models` maps model ids to diffusers folders; nothing is loaded until first use.
+
+        Generators live on `generator_device` (CPU by default), so a seed gives the same initial
+        noise on any hardware. `vae_batch_size` bounds how many images one VAE decode takes.
+        """
+        self.model_paths = {model_id: Path(path) for model_id, path in models.items()}
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.generator_device = torch.device(generator_device)
+        self.vae_batch_size = vae_batch_size
+        self._pipes: dict[str, StableDiffusionPipeline] = {}
+        self._load_lock = threading.Lock()
+
+    def model_ids(self) -> list[str]:
+        """The model ids this engine can serve."""
+        return list(self.model_paths)
+
+    def load(self, model_id: str) -> StableDiffusionPipeline:
+        """Load a model (once) the same way for real weights and the tiny test model."""
+        if model_id in self._pipes:
+            return self._pipes[model_id]
+        with self._load_lock:
+            if model_id not in self._pipes:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    self._path(model_id), local_files_only=True, torch_dtype=self.dtype
+                )
+                pipe.to(self.device)
+                pipe.set_progress_bar_config(disable=True)
+                self._pipes[model_id] = pipe
+        return self._pipes[model_id]
+
+    def default_size(self, model_id: str) -> tuple[int, int]:
+        """(width, height) the model was trained at: UNet sample size × VAE scale factor."""
+        if model_id in self._pipes:
+            pipe = self._pipes[model_id]
+            unet_config, vae_config = pipe.unet.config, pipe.vae.config
+        else:
+            path = self._path(model_id)
+            unet_config = json.loads((path / "unet" / "config.json").read_text())
+            vae_config = json.loads((path / "vae" / "config.json").read_text())
+        scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        size = unet_config["sample_size"]
+        height, width = (size, size) if isinstance(size, int) else size
+        return width * scale, height * scale
+
+    def warmup(self, model_id: str, width: int | None = None, height: int | None = None) -> None:
+        """Load the model and run one 1-step image (default size) so first requests are fast."""
+        default_width, default_height = self.default_size(model_id)
+        params = GenerationParams(
+            prompt="warmup",
+            model_id=model_id,
+            width=width or default_width,
+            height=height or default_height,
+            num_inference_steps=1,
+        )
+        self.generate([params])
+
+    def generate(self, batch: list[GenerationParams]) -> list[GenerationOutput]:
+        """Generate every request of a batch with one UNet forward per denoising step.
+
+        All requests must share `batch_key()`. Outputs are in request order.
+        """
+        self._check_batch(batch)
+        first = batch[0]
+        pipe = self.load(first.model_id)
+        choice = validate_scheduler_options(
+            first.scheduler,
+            first.use_karras_sigmas,
+            first.algorithm_type,
+            first.num_inference_steps,
+        )
+        start = time.perf_counter()
+        with torch.inference_mode():
+            states = self.encode_prompts(pipe, batch)
+            self.prepare_latents(pipe, states)
+            while not all(state.done for state in states):
+                self.denoise_step(pipe, [state for state in states if not state.done])
+            images = self.decode(pipe, torch.cat([state.latents for state in states]))
+        seconds = time.perf_counter() - start
+
+        outputs, offset = [], 0
+        extra = {"scheduler": choice.name}
+        if choice.notes:
+            extra["scheduler_notes"] = list(choice.notes)
+        for state in states:
+            outputs.append(
+                GenerationOutput(
+                    images=images[offset : offset + state.samples],
+                    seed=state.params.seed,
+                    prompt_truncated=state.prompt_truncated,
+                    batch_size=len(images),
+                    inference_seconds=seconds,
+                    extra=dict(extra),
+                )
+            )
+            offset += state.samples
+        return outputs
+
+    def encode_prompts(
+        self, pipe: StableDiffusionPipeline, batch: list[GenerationParams]
+    ) -> list[RequestState]:
+        """Encode each distinct (text, clip_skip) once and set up a RequestState per request."""
+        needed: dict[int, set[str]] = {}
+        for params in batch:
+            texts = needed.setdefault(params.clip_skip, set())
+            texts.add(params.prompt)
+            if params.guidance_scale > 1:
+                texts.add(params.negative_prompt)
+        embeddings: dict[tuple[str, int], torch.Tensor] = {}
+        truncated: dict[str, bool] = {}
+        for clip_skip, texts in needed.items():
+            ordered = sorted(texts)
+            embeds, cut = self._encode_texts(pipe, ordered, clip_skip)
+            for i, text in enumerate(ordered):
+                embeddings[text, clip_skip] = embeds[i : i + 1]
+                truncated[text] = cut[i]
+
+        states = []
+        for params in batch:
+            scheduler = build_scheduler(
+                pipe.scheduler.config,
+                params.scheduler,
+                params.use_karras_sigmas,
+                params.algorithm_type,
+            )
+            scheduler.set_timesteps(params.num_inference_steps, device=self.device)
+            generators = [
+                torch.Generator(self.generator_device).manual_seed(params.seed + i)
+                for i in range(params.samples)
+            ]
+            step_parameters = inspect.signature(scheduler.step).parameters
+            step_kwargs: dict = {}
+            if "generator" in step_parameters:
+                step_kwargs["generator"] = generators
+            if "eta" in step_parameters:
+                step_kwargs["eta"] = 0.0
+            cond = embeddings[params.prompt, params.clip_skip]
+            uncond = (
+                embeddings[params.negative_prompt, params.clip_skip]
+                if params.guidance_scale > 1
+                else None
+            )
+            states.append(
+                RequestState(
+                    params=params,
+                    scheduler=scheduler,
+                    generators=generators,
+                    timesteps=scheduler.timesteps,
+                    cond_embeds=cond.expand(params.samples, -1, -1),
+                    uncond_embeds=None if uncond is None else uncond.expand(params.samples, -1, -1),
+                    step_kwargs=step_kwargs,
+                    prompt_truncated=truncated[params.prompt],
+                )
+            )
+        return states
+
+    def prepare_latents(self, pipe: StableDiffusionPipeline, states: list[RequestState]) -> None:
+        """Draw each image's initial noise from its own generator, scaled for its scheduler."""
+        scale = pipe.vae_scale_factor
+        for state in states:
+            shape = (
+                state.samples,
+                pipe.unet.config.in_channels,
+                state.params.height // scale,
+                state.params.width // scale,
+            )
+            noise = randn_tensor(
+                shape, generator=state.generators, device=self.device, dtype=self.dtype
+            )
+            state.latents = noise * state.scheduler.init_noise_sigma
+
+    def denoise_step(self, pipe: StableDiffusionPipeline, states: list[RequestState]) -> None:
+        """Advance every request by one step: one UNet forward over all images of all requests.
+
+        Rows are [unconditional rows of the CFG requests] + [conditional rows of all requests],
+        each with its own timestep, so requests could even be at different steps.
+        """
+        inputs, timesteps = [], []
+        for state in states:
+            t = state.timesteps[state.step]
+            inputs.append(state.scheduler.scale_model_input(state.latents, t))
+            timesteps.append(t.float().reshape(1).expand(state.samples))
+        cfg = [i for i, state in enumerate(states) if state.uncond_embeds is not None]
+
+        noise_pred = pipe.unet(
+            torch.cat([inputs[i] for i in cfg] + inputs),
+            torch.cat([timesteps[i] for i in cfg] + timesteps).to(self.device),
+            encoder_hidden_states=torch.cat(
+                [states[i].uncond_embeds for i in cfg] + [state.cond_embeds for state in states]
+            ),
+            return_dict=False,
+        )[0]
+
+        n_uncond = sum(states[i].samples for i in cfg)
+        noise = list(noise_pred[n_uncond:].split([state.samples for state in states]))
+        if cfg:
+            uncond = noise_pred[:n_uncond]
+            cond = torch.cat([noise[i] for i in cfg])
+            scale = torch.tensor(
+                [states[i].params.guidance_scale for i in cfg for _ in range(states[i].samples)],
+                device=self.device,
+                dtype=noise_pred.dtype,
+            )[:, None, None, None]
+            guided = uncond + scale * (cond - uncond)
+            for i, rows in zip(cfg, guided.split([states[i].samples for i in cfg]), strict=True):
+                noise[i] = rows
+
+        for state, state_noise in zip(states, noise, strict=True):
+            t = state.timesteps[state.step]
+            state.latents = state.scheduler.step(
+                state_noise, t, state.latents, **state.step_kwargs, return_dict=False
+            )[0]
+            state.step += 1
+
+    def decode(self, pipe: StableDiffusionPipeline, latents: torch.Tensor) -> list[np.ndarray]:
+        """VAE-decode latents into HxWx3 uint8 arrays, `vae_batch_size` images at a time."""
+        images = []
+        for chunk in latents.split(self.vae_batch_size):
+            decoded = pipe.vae.decode(chunk / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+            images.extend((pixels * 255).round().astype(np.uint8))
+        return images
+
+    def _encode_texts(
+        self, pipe: StableDiffusionPipeline, texts: list[str], clip_skip: int
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """CLIP embeddings of `texts` (truncated to 77 tokens) and which ones were truncated.
+
+        `clip_skip` is ModelsLab's/A1111's: 1 is the last layer, N uses hidden_states[-N]
+        followed by the final layer norm. Unlike diffusers, it applies to negative prompts too.
+        """
+        tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+        layers = text_encoder.config.num_hidden_layers
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip_skip: must be between 1 and {layers}, got {clip_skip}")
+        max_length = tokenizer.model_max_length
+        lengths = [len(ids) for ids in tokenizer(texts, verbose=False).input_ids]
+        tokens = tokenizer(
+            texts,
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        attention_mask = None
+        if getattr(text_encoder.config, "use_attention_mask", False):
+            attention_mask = tokens.attention_mask.to(self.device)
+        output = text_encoder(
+            tokens.input_ids.to(self.device),
+            attention_mask=attention_mask,
+            output_hidden_states=clip_skip > 1,
+        )
+        if clip_skip == 1:
+            embeds = output[0]
+        else:
+            embeds = text_encoder.text_model.final_layer_norm(output.hidden_states[-clip_skip])
+        return embeds.to(self.dtype), [n > max_length for n in lengths]
+
+    def _check_batch(self, batch: list[GenerationParams]) -> None:
+        if not batch:
+            raise ValueError("batch: at least one request is required")
+        key = batch[0].batch_key()
+        if any(params.batch_key() != key for params in batch):
+            raise ValueError("batch: all requests in a batch must share batch_key()")
+        self._path(batch[0].model_id)
+        for params in batch:
+            for name in ("width", "height"):
+                value = getattr(params, name)
+                if value <= 0 or value % 8:
+                    raise ValueError(f"{name}: must be a positive multiple of 8, got {value}")
+            if params.samples < 1:
+                raise ValueError(f"samples: must be at least 1, got {params.samples}")
+            if params.seed < 0:
+                raise ValueError(f"seed: must be non-negative, got {params.seed}")
+
+    def _path(self, model_id: str) -> Path:
+        try:
+            return self.model_paths[model_id]
+        except KeyError:
+            raise ValueError(
+                f"model_id: unknown model {model_id!r}; available: {', '.join(self.model_paths)}"
+            ) from None

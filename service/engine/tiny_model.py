@@ -1,0 +1,179 @@
+"""A tiny random-weight model with Stable Diffusion 2.0 (768-v)'s architecture and file layout.
+
+Tests and the demo load it through exactly the code that loads real SD 2.0 weights, so nothing
+is downloaded: the CLIP tokenizer files are written here and every weight is random.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "!"  # SD 2.0's tokenizer pads with "!" (OpenCLIP), not with EOS like SD 1.x
+MODEL_MAX_LENGTH = 77
+
+# A few common English merges, enough to exercise real BPE merging; the 512 byte tokens below
+# already cover every possible input.
+MERGES = (
+    ("t", "h"),
+    ("th", "e</w>"),
+    ("a", "n"),
+    ("an", "d</w>"),
+    ("i", "n"),
+    ("in", "g</w>"),
+    ("o", "f</w>"),
+    ("e", "r"),
+    ("o", "n</w>"),
+    ("a", "t</w>"),
+)
+
+# SD 2.0 768-v's scheduler_config.json (stabilityai/stable-diffusion-2), verbatim.
+SD2_SCHEDULER_CONFIG = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode characters."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(161, 172 + 1)) + list(range(174, 255 + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
+
+
+def clip_vocab() -> dict[str, int]:
+    """The vocabulary in CLIP's own order: bytes, bytes + `</w>`, merges, then the specials."""
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in MERGES]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def write_tokenizer(folder: Path) -> dict[str, int]:
+    """Write a CLIPTokenizer folder (vocab.json, merges.txt, configs); returns the vocabulary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = clip_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES)
+    (folder / "merges.txt").write_text(merges, encoding="utf-8")
+    specials = {
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+    }
+    _write_json(folder / "special_tokens_map.json", specials)
+    _write_json(
+        folder / "tokenizer_config.json",
+        {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": MODEL_MAX_LENGTH,
+            "do_lower_case": True,
+            "errors": "replace",
+            "add_prefix_space": False,
+            **specials,
+        },
+    )
+    return vocab
+
+
+def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
+    """Write a diffusers-format SD2-architecture model folder with random weights seeded by `seed`.
+
+    Same components, configs keys and latent geometry as SD 2.0 768-v (v-prediction, VAE scale
+    factor 8, default size 768), only narrow: a few MB, built in a few seconds, deterministic.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(path / "tokenizer")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=96,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+        )
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            sample_size=768,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 32, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            latent_channels=4,
+            scaling_factor=0.18215,
+        )
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=32,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=5,
+                max_position_embeddings=MODEL_MAX_LENGTH,
+                hidden_act="gelu",
+                layer_norm_eps=1e-5,
+                projection_dim=32,
+                bos_token_id=vocab[BOS_TOKEN],
+                eos_token_id=vocab[EOS_TOKEN],
+                pad_token_id=vocab[PAD_TOKEN],
+            )
+        )
+
+    unet.save_pretrained(path / "unet", safe_serialization=True)
+    vae.save_pretrained(path / "vae", safe_serialization=True)
+    text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+    DDIMScheduler.from_config(SD2_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
+    _write_json(
+        path / "model_index.json",
+        {
+            "_class_name": "StableDiffusionPipeline",
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+    )
+    return path
+
+
+def _write_json(file: Path, data: dict) -> None:
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

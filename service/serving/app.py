@@ -1,0 +1,89 @@
+"""The application builder: one Serve config (`import_path` + `args`) drives `sdserve serve`,
+`serve run` and KubeRay's `serveConfigV2` alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import Application
+
+from service.config import load_settings
+from service.serving.generator import Generator
+from service.serving.ingress import Ingress
+
+
+class AppConfig(BaseModel):
+    """The `args` of the Serve config: how the deployments are shaped and placed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(8, ge=1, description="Requests per @serve.batch call.")
+    max_batch_images: int = Field(16, ge=1, description="Images per pipeline call.")
+    batch_wait_timeout_s: float = Field(
+        0.1, ge=0, description="How long a batch waits to fill before it runs."
+    )
+    generator_replicas: int = Field(1, ge=1, description="Generator replicas (no autoscaling).")
+    generator_autoscaling: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling_config for the generator; overrides replicas."
+    )
+    generator_num_gpus: float = Field(0, ge=0, description="GPUs per generator replica.")
+    generator_num_cpus: float = Field(1, ge=0, description="CPUs per generator replica.")
+    generator_max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Default: 4 x max_batch_size, so batches can fill."
+    )
+    ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas.")
+    ingress_num_cpus: float = Field(0.5, ge=0, description="CPUs per ingress replica.")
+    ingress_max_ongoing_requests: int = Field(
+        256, ge=1, description="Requests one ingress replica handles at once."
+    )
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of any SDSERVE_* setting."
+    )
+
+    @model_validator(mode="after")
+    def _ongoing_covers_batch(self):
+        ongoing = self.generator_max_ongoing_requests
+        if ongoing is not None and ongoing < 2 * self.max_batch_size:
+            raise ValueError(
+                "generator_max_ongoing_requests must be at least twice max_batch_size "
+                f"({2 * self.max_batch_size}), or batches can never fill"
+            )
+        return self
+
+    def generator_ongoing(self) -> int:
+        return self.generator_max_ongoing_requests or 4 * self.max_batch_size
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Validate `args` into AppConfig and bind ingress -> generator."""
+    config = AppConfig.model_validate(args or {})
+    settings = load_settings(**config.settings)
+
+    generator_options: dict[str, Any] = {
+        "max_ongoing_requests": config.generator_ongoing(),
+        "ray_actor_options": {
+            "num_gpus": config.generator_num_gpus,
+            "num_cpus": config.generator_num_cpus,
+        },
+        # Loading and warming a real model takes minutes on a cold node.
+        "health_check_timeout_s": 60,
+    }
+    if config.generator_autoscaling:
+        generator_options["autoscaling_config"] = config.generator_autoscaling
+    else:
+        generator_options["num_replicas"] = config.generator_replicas
+
+    generator = serve.deployment(Generator, name="Generator").options(**generator_options)
+    ingress = serve.deployment(Ingress, name="Ingress").options(
+        num_replicas=config.ingress_replicas,
+        max_ongoing_requests=config.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+    )
+    return ingress.bind(
+        generator.bind(
+            settings, config.max_batch_size, config.batch_wait_timeout_s, config.max_batch_images
+        ),
+        settings,
+    )

@@ -1,0 +1,63 @@
+"""The ingress deployment: the HTTP edge. Owns the database, image store and ImageService;
+hands generation to the generator deployment through its handle."""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from service.api.routes import create_app
+from service.api.text2img import ImageService
+from service.config import Settings
+from service.engine.protocol import GenerationOutput, GenerationParams
+from service.pricing import Plan, PriceList
+from service.registry import ModelRegistry
+from service.store.db import make_engine, make_sessionmaker, migrate
+from service.store.images import ImageStore
+from service.store.jobs import JobStore
+from service.store.keys import KeyStore
+
+log = logging.getLogger(__name__)
+
+
+def build_image_service(settings: Settings, generate) -> ImageService:
+    """Everything the HTTP layer stands on, wired from settings (also used by unit tests)."""
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    sessions = make_sessionmaker(engine)
+    keys = KeyStore(sessions)
+    if settings.demo_key:
+        keys.ensure(
+            settings.demo_key,
+            name="demo",
+            plan=Plan.PAY_PER_USE,
+            balance=settings.demo_key_balance_usd,
+            admin=True,
+        )
+    return ImageService(
+        settings,
+        jobs=JobStore(sessions, settings),
+        keys=keys,
+        prices=PriceList.from_settings(settings),
+        images=ImageStore(settings.image_store_url),
+        registry=ModelRegistry(settings),
+        generate=generate,
+    )
+
+
+@serve.ingress()
+class Ingress:
+    def __init__(self, generator: DeploymentHandle, settings: Settings):
+        self._generator = generator
+        self.settings = settings
+        self.service = build_image_service(settings, self._generate)
+
+    async def _generate(self, params: GenerationParams) -> GenerationOutput:
+        return await self._generator.generate.remote(params)
+
+    def __serve_build_asgi_app__(self):
+        app = create_app(self.settings.max_body_bytes, self.settings.strict_http_status)
+        app.state.service = self.service
+        return app

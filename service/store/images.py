@@ -1,0 +1,75 @@
+"""Output images, written through fsspec: a local folder by default, any fsspec URL (s3://…)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import time
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+# `{32 hex}-{index}.png|.base64`, optionally under `temp/`: the only names the store serves,
+# so a request can never reach outside it.
+IMAGE_NAME = re.compile(r"^(temp/)?[0-9a-f]{32}-\d{1,2}\.(png|base64)$")
+TEMP_LIFETIME_S = 24 * 3600
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def output_names(file_prefix: str, samples: int, as_base64: bool, temp: bool) -> list[str]:
+    suffix = "base64" if as_base64 else "png"
+    folder = "temp/" if temp else ""
+    return [f"{folder}{file_prefix}-{i}.{suffix}" for i in range(samples)]
+
+
+class ImageStore:
+    """Writes and reads output files by name; names are checked against IMAGE_NAME."""
+
+    def __init__(self, url: str):
+        self._fs, self._root = fsspec.core.url_to_fs(url)
+        self._root = self._root.rstrip("/")
+        self._fs.makedirs(self._root + "/temp", exist_ok=True)
+
+    def _path(self, name: str) -> str:
+        if not IMAGE_NAME.match(name):
+            raise KeyError(name)
+        return f"{self._root}/{name}"
+
+    def write(self, name: str, image: np.ndarray) -> None:
+        png = encode_png(image)
+        data = base64.b64encode(png) if name.endswith(".base64") else png
+        # Write then rename so a reader never sees half a file.
+        path = self._path(name)
+        partial = f"{path}.partial"
+        with self._fs.open(partial, "wb") as f:
+            f.write(data)
+        self._fs.mv(partial, path)
+
+    def read(self, name: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist (yet) or has expired."""
+        try:
+            path = self._path(name)
+        except KeyError:
+            return None
+        try:
+            if name.startswith("temp/") and self._age_s(path) > TEMP_LIFETIME_S:
+                return None
+            with self._fs.open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def _age_s(self, path: str) -> float:
+        info = self._fs.info(path)
+        modified = info.get("mtime") or info.get("LastModified") or info.get("created")
+        if modified is None:
+            return 0.0
+        stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
+        return time.time() - stamp

@@ -1,0 +1,229 @@
+"""API keys: random secrets shown once, stored only as their SHA-256, each on a plan."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, Integer, String, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+
+from service.pricing import Plan, micros_to_usd, usd_to_micros
+from service.store.db import Base
+from service.store.errors import KeyNameTaken, KeyNotFound
+
+KEY_PREFIX = "sk-"
+MAX_NAME_LENGTH = 128
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint("balance_micros >= 0", name="balance_non_negative"),
+        CheckConstraint("plan IN ('free', 'pay_per_use', 'premium')", name="plan_known"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    plan: Mapped[str] = mapped_column(String(16))
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # prepaid balance of a pay_per_use key; always equals the sum of its ledger amounts
+    balance_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A detached, read-only copy of a key row (never holds the plaintext key)."""
+
+    id: int
+    name: str
+    plan: Plan
+    admin: bool
+    key_hash: str
+    balance_micros: int
+    revoked: bool
+
+    @property
+    def balance(self) -> Decimal:
+        """Prepaid balance in USD (0 for free and premium keys)."""
+        return micros_to_usd(self.balance_micros)
+
+    @classmethod
+    def of(cls, row: ApiKey) -> KeyRecord:
+        return cls(
+            id=row.id,
+            name=row.name,
+            plan=Plan(row.plan),
+            admin=bool(row.admin),
+            key_hash=row.key_hash,
+            balance_micros=int(row.balance_micros),
+            revoked=row.revoked_at is not None,
+        )
+
+
+def generate_key() -> str:
+    """A new secret: `sk-` and 32 random bytes, URL-safe base64."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(plaintext: str) -> str:
+    """SHA-256 hex of a key: what the database stores and jobs refer to."""
+    return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+
+
+def find_key(session: Session, name_or_id: str | int, *, lock: bool = False) -> ApiKey | None:
+    """The key row with this id (int) or name (str), optionally locked FOR UPDATE."""
+    column = ApiKey.id if isinstance(name_or_id, int) else ApiKey.name
+    query = select(ApiKey).where(column == name_or_id)
+    return session.scalar(query.with_for_update() if lock else query)
+
+
+class KeyStore:
+    """Creates, seeds, authenticates, revokes and tops up API keys."""
+
+    def __init__(self, sessions: sessionmaker, *, clock: Callable[[], datetime] | None = None):
+        self._sessions = sessions
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    def create(
+        self, name: str, plan: Plan | str, balance: Decimal = Decimal(0), admin: bool = False
+    ) -> tuple[str, KeyRecord]:
+        """A new key; returns its plaintext (show it once, it is not stored) and its record."""
+        plaintext = generate_key()
+        try:
+            with self._sessions.begin() as session:
+                if find_key(session, name) is not None:
+                    raise KeyNameTaken(name)
+                row = self._insert(session, plaintext, name, plan, balance, admin)
+                return plaintext, KeyRecord.of(row)
+        except IntegrityError:
+            raise KeyNameTaken(name) from None
+
+    def ensure(
+        self,
+        plaintext: str,
+        name: str,
+        plan: Plan | str,
+        balance: Decimal = Decimal(0),
+        admin: bool = False,
+    ) -> KeyRecord:
+        """Seed a known key (the demo key) if missing; an existing one is returned untouched.
+
+        Safe from several replicas at once. Raises KeyNameTaken if `name` holds another key.
+        """
+        key_hash = hash_key(plaintext)
+        for attempt in range(2):
+            try:
+                with self._sessions.begin() as session:
+                    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+                    if row is not None:
+                        return KeyRecord.of(row)
+                    if find_key(session, name) is not None:
+                        raise KeyNameTaken(name)
+                    return KeyRecord.of(
+                        self._insert(session, plaintext, name, plan, balance, admin)
+                    )
+            except IntegrityError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def authenticate(self, plaintext: str | None) -> KeyRecord | None:
+        """The live key for this plaintext; None when missing, unknown or revoked."""
+        if not plaintext:
+            return None
+        key_hash = hash_key(plaintext)
+        with self._sessions() as session:
+            row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+            if row is None or not hmac.compare_digest(row.key_hash, key_hash):
+                return None
+            return None if row.revoked_at is not None else KeyRecord.of(row)
+
+    def revoke(self, name_or_id: str | int) -> KeyRecord:
+        """Stop a key at once (its next request and any job it has not yet created fail)."""
+        with self._sessions.begin() as session:
+            row = find_key(session, name_or_id, lock=True)
+            if row is None:
+                raise KeyNotFound(name_or_id)
+            if row.revoked_at is None:
+                row.revoked_at = self._clock()
+            return KeyRecord.of(row)
+
+    def topup(self, name_or_id: str | int, amount: Decimal) -> KeyRecord:
+        """Add `amount` USD to a pay-per-use key's balance, with its ledger row."""
+        micros = usd_to_micros(amount)
+        if micros <= 0:
+            raise ValueError(f"a top-up must be positive, got {amount} USD")
+        with self._sessions.begin() as session:
+            row = find_key(session, name_or_id, lock=True)
+            if row is None:
+                raise KeyNotFound(name_or_id)
+            self._post_topup(session, row, micros)
+            return KeyRecord.of(row)
+
+    def get(self, key_id: int) -> KeyRecord | None:
+        with self._sessions() as session:
+            row = session.get(ApiKey, key_id)
+            return KeyRecord.of(row) if row else None
+
+    def find(self, name_or_id: str | int) -> KeyRecord | None:
+        """The key with this id (int) or name (str), revoked or not."""
+        with self._sessions() as session:
+            row = find_key(session, name_or_id)
+            return KeyRecord.of(row) if row else None
+
+    def list(self) -> list[KeyRecord]:
+        with self._sessions() as session:
+            return [
+                KeyRecord.of(row) for row in session.scalars(select(ApiKey).order_by(ApiKey.id))
+            ]
+
+    def _insert(
+        self,
+        session: Session,
+        plaintext: str,
+        name: str,
+        plan: Plan | str,
+        balance: Decimal,
+        admin: bool,
+    ) -> ApiKey:
+        plan = Plan(plan)
+        if not name or len(name) > MAX_NAME_LENGTH or name != name.strip():
+            raise ValueError(
+                f"a key name must be 1 to {MAX_NAME_LENGTH} characters, no edge spaces"
+            )
+        micros = usd_to_micros(balance)
+        if micros < 0:
+            raise ValueError(f"a balance must not be negative, got {balance} USD")
+        row = ApiKey(
+            name=name,
+            key_hash=hash_key(plaintext),
+            plan=plan.value,
+            admin=admin,
+            balance_micros=0,
+            created_at=self._clock(),
+        )
+        session.add(row)
+        session.flush()
+        if micros:
+            self._post_topup(session, row, micros)
+        return row
+
+    def _post_topup(self, session: Session, row: ApiKey, micros: int) -> None:
+        # Imported here: the ledger module builds on this one.
+        from service.store.ledger import post_topup
+
+        if Plan(row.plan) is not Plan.PAY_PER_USE:
+            raise ValueError(
+                f"key {row.name!r} is on the {row.plan} plan; only pay_per_use keys hold a balance"
+            )
+        post_topup(session, row, micros, now=self._clock())

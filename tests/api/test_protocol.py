@@ -1,0 +1,132 @@
+"""The request model: coercion of what real clients send, and one message per broken rule."""
+
+import pytest
+
+from service.api.protocol import MAX_SEED, RequestError, Text2ImgRequest
+from service.config import Settings
+
+SIZES = {"stable-diffu": (768, 768), "other": (512, 512)}
+
+
+def params(settings=None, **fields):
+    body = Text2ImgRequest.model_validate({"key": "k", "prompt": "a cat", **fields})
+    return body.to_params(settings or Settings(), SIZES)
+
+
+def error_of(**fields) -> str:
+    with pytest.raises(RequestError) as info:
+        params(**fields)
+    return str(info.value)
+
+
+def test_defaults_follow_the_model():
+    p, options = params()
+    assert (p.model_id, p.width, p.height, p.samples) == ("stable-diffu", 768, 768, 1)
+    assert (p.num_inference_steps, p.guidance_scale, p.scheduler) == (
+        30,
+        7.5,
+        "UniPCMultistepScheduler",
+    )
+    assert p.use_karras_sigmas is True and p.clip_skip == 1
+    assert 1 <= p.seed <= MAX_SEED
+    assert options["base64"] is False and options["instant_response"] is False
+    assert params(model_id="other")[0].width == 512
+
+
+def test_numbers_as_strings_and_toggles_as_words():
+    p, options = params(
+        width="512",
+        height=" 256 ",
+        samples="2",
+        num_inference_steps="20.0",
+        guidance_scale="5",
+        seed="1234",
+        use_karras_sigmas="no",
+        base64="yes",
+        instant_response=True,
+        temp="false",
+        clip_skip="2",
+    )
+    assert (p.width, p.height, p.samples, p.num_inference_steps) == (512, 256, 2, 20)
+    assert (p.guidance_scale, p.seed, p.use_karras_sigmas, p.clip_skip) == (5.0, 1234, False, 2)
+    assert options["base64"] is True and options["instant_response"] is True
+    assert options["temp"] is False
+
+
+@pytest.mark.parametrize("seed", [None, "", -1, "-1", 0, "0", "null"])
+def test_every_spelling_of_random_seed(seed):
+    seeds = {params(seed=seed)[0].seed for _ in range(5)}
+    assert len(seeds) > 1
+
+
+def test_scheduler_without_suffix_and_algorithm_type():
+    p, _ = params(scheduler="DPMSolverMultistep", algorithm_type="dpmsolver+++")
+    assert p.scheduler == "DPMSolverMultistepScheduler" and p.algorithm_type == "dpmsolver+++"
+    assert params(algorithm_type="none")[0].algorithm_type is None
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"width": 250}, "width must be a multiple of 8 between 256 and 1024"),
+        ({"width": 1032}, "width must be a multiple of 8 between 256 and 1024"),
+        ({"height": 513}, "height must be a multiple of 8 between 256 and 1024"),
+        ({"samples": 5}, "samples must be an integer between 1 and 4"),
+        ({"samples": "0"}, "samples must be an integer between 1 and 4"),
+        ({"num_inference_steps": 51}, "num_inference_steps must be an integer between 1 and 50"),
+        ({"guidance_scale": 25}, "guidance_scale must be a number between 1 and 20"),
+        ({"clip_skip": 9}, "clip_skip must be an integer between 1 and 8"),
+        ({"scheduler": "Nope"}, "scheduler must be one of: "),
+        ({"model_id": "sdxl"}, "model_id 'sdxl' is not available; available models: other, "),
+        ({"prompt": "   "}, "prompt must be a non-empty string"),
+        ({"webhook": "ftp://x"}, "webhook must be an http:// or https:// URL"),
+        ({"algorithm_type": "bogus"}, "algorithm_type must be one of: none, "),
+        ({"lora_model": "foo"}, "lora_model 'foo' is not available"),
+    ],
+)
+def test_each_rule_names_the_field(fields, expected):
+    assert expected in error_of(**fields)
+
+
+def test_several_broken_rules_are_all_reported():
+    message = error_of(width=100, samples=9)
+    assert "width must be" in message and "samples must be" in message
+
+
+def test_operator_bounds_apply():
+    settings = Settings(min_size=64, max_size=512, max_steps=10)
+    assert params(settings, width=64, height=64)[0].width == 64
+    with pytest.raises(RequestError, match="num_inference_steps must be an integer between 1 and 10"):
+        params(settings, num_inference_steps=20)
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"width": "abc"}, "must be an integer"),
+        ({"width": 512.5}, "must be an integer"),
+        ({"guidance_scale": "NaN"}, "must be a finite number"),
+        ({"guidance_scale": "inf"}, "must be a finite number"),
+        ({"base64": "maybe"}, 'must be "yes" or "no"'),
+        ({"seed": 2**40}, "must be an integer between 1 and"),
+        ({"seed": -5}, "must be an integer between 1 and"),
+        ({"prompt": ["a", "b"]}, "must be a string"),
+    ],
+)
+def test_coercion_errors(fields, expected):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        Text2ImgRequest.model_validate({"key": "k", "prompt": "a cat", **fields})
+    assert expected in str(info.value)
+
+
+def test_unknown_fields_are_kept_aside_and_not_applied_ones_reported():
+    body = Text2ImgRequest.model_validate(
+        {"key": "k", "prompt": "x", "watermark": "no", "upscale": "yes", "tomesd": "no"}
+    )
+    assert body.ignored_fields() == ["tomesd", "upscale", "watermark"]
+    _, options = body.to_params(Settings(), SIZES)
+    assert options["not_applied"] == ["upscale"]
+    _, options = params(safety_checker="yes")
+    assert any("safety_checker" in item for item in options["not_applied"])

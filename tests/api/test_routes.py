@@ -1,0 +1,248 @@
+"""The HTTP layer alone: real routes, database and files, with a fake engine injected.
+
+The Ray Serve + diffusers path is covered by tests/e2e; here the engine is replaced so each
+response shape and error can be checked quickly and exactly.
+"""
+
+import asyncio
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.api.routes import create_app
+from service.config import Settings
+from service.engine.protocol import GenerationOutput, GenerationParams
+from service.serving.ingress import build_image_service
+
+KEY = "test-key"
+
+
+def write_model_configs(path):
+    (path / "unet").mkdir(parents=True)
+    (path / "vae").mkdir()
+    (path / "unet" / "config.json").write_text(json.dumps({"sample_size": 32}))
+    (path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [8, 16, 32, 32]}))
+
+
+class FakeEngine:
+    """Noise images of the asked size; can be told to fail or to be slow."""
+
+    def __init__(self):
+        self.calls: list[GenerationParams] = []
+        self.fail = False
+        self.delay_s = 0.0
+
+    async def __call__(self, params: GenerationParams) -> GenerationOutput:
+        self.calls.append(params)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("the GPU caught fire")
+        rng = np.random.default_rng(params.seed)
+        images = [
+            rng.integers(0, 255, (params.height, params.width, 3), dtype=np.uint8)
+            for _ in range(params.samples)
+        ]
+        return GenerationOutput(images=images, seed=params.seed, batch_size=params.samples)
+
+
+@pytest.fixture()
+def env(tmp_path):
+    write_model_configs(tmp_path / "model")
+    settings = Settings(
+        models={"stable-diffu": str(tmp_path / "model")},
+        database_url=f"sqlite:///{tmp_path}/db.sqlite",
+        image_store_url=str(tmp_path / "images"),
+        public_base_url="http://testserver",
+        demo_key=KEY,
+        demo_key_balance_usd=1,
+        min_size=64,
+        sync_window_s=5,
+        max_body_bytes=4096,
+        webhook_attempts=1,
+    )
+    engine = FakeEngine()
+    service = build_image_service(settings, engine)
+    app = create_app(settings.max_body_bytes, settings.strict_http_status)
+    app.state.service = service
+    with TestClient(app) as client:
+        yield client, engine, service
+
+
+def post(client, path, **body):
+    return client.post(path, json={"key": KEY, **body})
+
+
+def test_text2img_success_shape_and_png(env):
+    client, engine, _ = env
+    r = post(client, "/api/v6/images/text2img", prompt="a cat", width=128, height=64, samples=2)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "success", body
+    assert isinstance(body["id"], int) and len(body["output"]) == 2
+    assert body["proxy_links"] == body["output"]
+    meta = body["meta"]
+    assert (meta["W"], meta["H"], meta["n_samples"], meta["id"]) == (128, 64, 2, body["id"])
+    assert meta["seed"] == engine.calls[0].seed
+    for i, url in enumerate(body["output"]):
+        assert url.startswith("http://testserver/images/") and url.endswith(f"-{i}.png")
+        image = client.get(url.removeprefix("http://testserver"))
+        assert image.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(image.content)).size == (128, 64)
+
+
+def test_base64_outputs(env):
+    client, _, _ = env
+    body = post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64, base64="yes").json()
+    url = body["output"][0]
+    assert url.endswith(".base64")
+    text = client.get(url.removeprefix("http://testserver")).text
+    assert Image.open(io.BytesIO(base64.b64decode(text))).size == (64, 64)
+
+
+def test_instant_response_then_fetch_in_every_form(env):
+    client, engine, service = env
+    engine.delay_s = 0.3
+    body = post(
+        client, "/api/v6/images/text2img", prompt="x", width=64, height=64, instant_response="yes"
+    ).json()
+    assert body["status"] == "processing" and body["output"] == []
+    assert body["message"] == body["messege"]
+    job_id = body["id"]
+    assert body["fetch_result"] == f"http://testserver/api/v6/images/fetch/{job_id}"
+    future = body["future_links"][0]
+    assert client.get(future.removeprefix("http://testserver")).status_code == 404
+    asyncio.run(asyncio.sleep(0.6))
+    for path, extra in [
+        (f"/api/v6/images/fetch/{job_id}", {}),
+        ("/api/v6/images/fetch", {"request_id": job_id}),
+        (f"/api/v7/images/fetch/{job_id}", {}),
+        (f"/api/v3/fetch/{job_id}", {}),
+        ("/api/v4/dreambooth/fetch", {"request_id": str(job_id)}),
+    ]:
+        fetched = post(client, path, **extra).json()
+        assert fetched["status"] == "success", (path, fetched)
+        assert fetched["output"] == body["future_links"]
+    assert client.get(future.removeprefix("http://testserver")).status_code == 200
+
+
+def test_sync_window_passes_then_processing(env, tmp_path):
+    client, engine, service = env
+    service.settings = service.settings.model_copy(update={"sync_window_s": 0.05})
+    engine.delay_s = 0.5
+    body = post(client, "/api/v7/images/text-to-image", prompt="x", width=64, height=64).json()
+    assert body["status"] == "processing"
+    assert "/api/v7/images/fetch/" in body["fetch_result"]
+
+
+def test_key_from_headers_and_bad_keys(env):
+    client, _, _ = env
+    ok = client.post(
+        "/api/v6/images/text2img",
+        json={"prompt": "x", "width": 64, "height": 64},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert ok.json()["status"] == "success"
+    ok = client.post(
+        "/api/v7/images/text-to-image",
+        json={"prompt": "x", "width": 64, "height": 64},
+        headers={"key": KEY},
+    )
+    assert ok.json()["status"] == "success"
+    for body in ({"prompt": "x"}, {"prompt": "x", "key": "wrong"}):
+        r = client.post("/api/v6/images/text2img", json=body)
+        assert r.status_code == 200
+        assert r.json()["status"] == "error" and "Invalid API key" in r.json()["messege"]
+
+
+def test_bad_input_is_named_and_nothing_is_stored(env):
+    client, engine, service = env
+    cases = {
+        "width must be a multiple of 8": {"prompt": "x", "width": 100},
+        "samples must be an integer between 1 and 4": {"prompt": "x", "samples": 5},
+        "num_inference_steps must be an integer between 1 and 50": {
+            "prompt": "x",
+            "num_inference_steps": 0,
+        },
+        "scheduler must be one of": {"prompt": "x", "scheduler": "Magic"},
+        "available models: stable-diffu": {"prompt": "x", "model_id": "nope"},
+        "prompt must be a non-empty string": {"prompt": ""},
+        "width must be an integer": {"prompt": "x", "width": "wide"},
+    }
+    for expected, body in cases.items():
+        r = post(client, "/api/v6/images/text2img", **body)
+        assert r.status_code == 200
+        assert r.json()["status"] == "error" and expected in r.json()["message"], r.json()
+    malformed = client.post(
+        "/api/v6/images/text2img", content=b'{"key": "x", "prompt": ', headers={"content-type": "application/json"}
+    )
+    assert malformed.json() == {
+        "status": "error",
+        "message": "request body is not valid JSON",
+        "messege": "request body is not valid JSON",
+    }
+    big = client.post("/api/v6/images/text2img", json={"key": KEY, "prompt": "x" * 5000})
+    assert big.status_code == 413 and "larger than the limit of 4096 bytes" in big.json()["message"]
+    assert engine.calls == []
+    assert service.jobs.processing() == [] and service.jobs.get(1) is None
+    assert post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64).json()[
+        "status"
+    ] == "success"
+
+
+def test_failed_generation_is_reported_and_fetchable(env):
+    client, engine, _ = env
+    engine.fail = True
+    body = post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64).json()
+    assert body["status"] == "failed" and "the GPU caught fire" in body["message"]
+    fetched = post(client, f"/api/v6/images/fetch/{body['id']}").json()
+    assert fetched["status"] == "failed"
+
+
+def test_fetch_of_unknown_or_foreign_job(env):
+    client, _, service = env
+    job = post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64).json()["id"]
+    other, _ = service.keys.create("other", "premium")
+    for key in (other,):
+        r = client.post(f"/api/v6/images/fetch/{job}", json={"key": key})
+        assert r.json()["status"] == "error" and "not found" in r.json()["message"]
+    r = post(client, "/api/v6/images/fetch/999999")
+    assert r.json()["status"] == "error"
+
+
+def test_image_route_refuses_paths_outside_the_store(env):
+    client, _, _ = env
+    for name in ("../db.sqlite", "..%2Fdb.sqlite", "abc.png", "temp/../../db.sqlite"):
+        assert client.get(f"/images/{name}").status_code == 404
+
+
+def test_system_load_model_list_and_request_count(env):
+    client, _, _ = env
+    load = post(client, "/api/v3/system_load").json()
+    assert load == {"queue_num": 0, "queue_time": 0.0, "status": "ok"}
+    models = post(client, "/api/v4/dreambooth/model_list").json()
+    assert models[0]["model_id"] == "stable-diffu" and models[0]["width"] == 256
+    count = post(client, "/api/v6/processing/request_count").json()
+    assert count["status"] == "success" and count["processing_count"] == 0
+
+
+def test_webhook_failure_is_recorded(env):
+    client, _, service = env
+    body = post(
+        client,
+        "/api/v6/images/text2img",
+        prompt="x",
+        width=64,
+        height=64,
+        webhook="http://127.0.0.1:9/hook",
+        track_id=77,
+    ).json()
+    assert body["status"] == "success" and body["meta"]["track_id"] == "77"
+    asyncio.run(asyncio.sleep(0.5))
+    job = service.jobs.get(body["id"])
+    assert job.webhook_status == "failed"
