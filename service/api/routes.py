@@ -164,10 +164,10 @@ async def healthz():
     return {"status": "ok"}
 
 
-class BodySizeLimit:
-    """Refuses bodies over `limit` bytes without reading more than that (ASGI middleware).
-
-    Bodies are small, so the middleware reads the whole body first and replays it to the app.
+class RequestBodyGate:
+    """ASGI middleware: refuses bodies over `limit` bytes without reading more than that, and
+    reads every /api/ body as JSON whatever its content-type (many client snippets send
+    `data=json.dumps(...)` with no header). Bodies are small: it reads them whole, then replays.
     """
 
     def __init__(self, app, limit: int):
@@ -192,6 +192,9 @@ class BodySizeLimit:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if scope["path"].startswith("/api/"):
+            headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         replayed = False
 
         async def replay():
@@ -225,5 +228,5 @@ def create_app(max_body_bytes: int, strict_http_status: bool) -> FastAPI:
     )
     app.include_router(router)
     install_error_handlers(app, strict_http_status)
-    app.add_middleware(BodySizeLimit, limit=max_body_bytes)
+    app.add_middleware(RequestBodyGate, limit=max_body_bytes)
     return app

@@ -98,8 +98,9 @@ class Engine:
             return self._pipes[model_id]
         with self._load_lock:
             if model_id not in self._pipes:
+                # `dtype`: diffusers 0.42 deprecates `torch_dtype`.
                 pipe = StableDiffusionPipeline.from_pretrained(
-                    self._path(model_id), local_files_only=True, torch_dtype=self.dtype
+                    self._path(model_id), local_files_only=True, dtype=self.dtype
                 )
                 pipe.to(self.device)
                 pipe.set_progress_bar_config(disable=True)
@@ -330,7 +331,9 @@ class Engine:
         if clip_skip == 1:
             embeds = output[0]
         else:
-            embeds = text_encoder.text_model.final_layer_norm(output.hidden_states[-clip_skip])
+            # transformers 5 flattened CLIPTextModel; 4.x nests it under `text_model`.
+            text_model = getattr(text_encoder, "text_model", text_encoder)
+            embeds = text_model.final_layer_norm(output.hidden_states[-clip_skip])
         return embeds.to(self.dtype), [n > max_length for n in lengths]
 
     def _check_batch(self, batch: list[GenerationParams]) -> None:

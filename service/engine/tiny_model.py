@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 BOS_TOKEN = "<|startoftext|>"
@@ -157,6 +158,7 @@ def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
     unet.save_pretrained(path / "unet", safe_serialization=True)
     vae.save_pretrained(path / "vae", safe_serialization=True)
     text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+    _prefix_text_encoder_keys(path / "text_encoder" / "model.safetensors")
     DDIMScheduler.from_config(SD2_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
     _write_json(
         path / "model_index.json",
@@ -173,6 +175,14 @@ def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
         },
     )
     return path
+
+
+def _prefix_text_encoder_keys(file: Path) -> None:
+    """Store weights as `text_model.*` like SD 2.0 does: transformers 4.x and 5.x both load it."""
+    weights = load_file(file)
+    if not all(key.startswith("text_model.") for key in weights):
+        weights = {f"text_model.{key}": value for key, value in weights.items()}
+        save_file(weights, file, metadata={"format": "pt"})
 
 
 def _write_json(file: Path, data: dict) -> None:

@@ -13,7 +13,6 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from service.config import Settings
 from service.pricing import PlanLimits, usd_to_micros
-from service.store import ledger
 from service.store.db import Base
 from service.store.errors import ConcurrencyLimitExceeded, InvalidApiKey
 from service.store.keys import ApiKey, KeyRecord
@@ -236,3 +235,7 @@ def _count_processing(session: Session, key_hash: str) -> int:
         .select_from(Job)
         .where(Job.key_hash == key_hash, Job.status == JobStatus.PROCESSING.value)
     )
+
+
+# Imported last: the ledger's table refers to Job, so it imports this module in turn.
+from service.store import ledger  # noqa: E402

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Mapped, Session, aliased, mapped_column, sessionmaker
 from service.pricing import Plan, PlanLimits, format_usd, micros_to_usd
 from service.store.db import Base
 from service.store.errors import InsufficientCredit, KeyNotFound
+from service.store.jobs import Job, JobStatus
 from service.store.keys import ApiKey, find_key
 
 
@@ -74,7 +75,7 @@ class LedgerEntry(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
-    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey(Job.id), nullable=True)
     model_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     kind: Mapped[str] = mapped_column(String(16))
     images: Mapped[int] = mapped_column(Integer, default=0)
@@ -109,7 +110,7 @@ class EntryRecord:
             images=row.images,
             unit_price_micros=int(row.unit_price_micros),
             amount_micros=int(row.amount_micros),
-            created_at=row.created_at,
+            created_at=_as_utc_datetime(row.created_at),
         )
 
 
@@ -367,8 +368,6 @@ class Ledger:
 
 
 def _ended_without_outcome(session: Session, job_ids: Iterable[int]) -> list[str]:
-    from service.store.jobs import Job, JobStatus
-
     ended = session.scalars(
         select(Job.id).where(Job.id.in_(list(job_ids)), Job.status != JobStatus.PROCESSING.value)
     )
@@ -379,3 +378,12 @@ def _as_utc_datetime(value: date | datetime) -> datetime:
     if isinstance(value, datetime):
         return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
     return datetime(value.year, value.month, value.day, tzinfo=UTC)
+
+
+def usage_document(rows: list[UsageRow]) -> dict:
+    """The JSON shape of a usage report (the CLI's --json and the admin endpoint)."""
+    return {
+        "usage": [row.to_dict() for row in rows],
+        "total_images": sum(row.images for row in rows),
+        "total_amount_usd": format_usd(sum((row.amount_usd for row in rows), Decimal(0))),
+    }

@@ -29,9 +29,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
         sa.UniqueConstraint("name", name=op.f("uq_api_keys_name")),
         sa.UniqueConstraint("key_hash", name=op.f("uq_api_keys_key_hash")),
-        sa.CheckConstraint(
-            "balance_micros >= 0", name=op.f("ck_api_keys_balance_non_negative")
-        ),
+        sa.CheckConstraint("balance_micros >= 0", name=op.f("ck_api_keys_balance_non_negative")),
         sa.CheckConstraint(
             "plan IN ('free', 'pay_per_use', 'premium')", name=op.f("ck_api_keys_plan_known")
         ),
@@ -53,7 +51,9 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["key_id"], ["api_keys.id"], name=op.f("fk_ledger_entries_key_id_api_keys")
         ),
-        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_ledger_entries_job_id_jobs")),
+        sa.ForeignKeyConstraint(
+            ["job_id"], ["jobs.id"], name=op.f("fk_ledger_entries_job_id_jobs")
+        ),
         sa.CheckConstraint(
             "kind IN ('reserve', 'settle', 'release', 'topup')",
             name=op.f("ck_ledger_entries_kind_known"),

@@ -1,0 +1,114 @@
+"""`sdserve keys …` and `sdserve usage` against a SQLite file, through their argparse wiring."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from service.config import Settings
+from service.pricing import PlanLimits
+from service.store.admin_cli import add_subcommands
+from service.store.db import make_engine, make_sessionmaker
+from service.store.jobs import JobStore
+from service.store.keys import KeyStore
+
+
+@pytest.fixture()
+def sdserve(tmp_path, capsys):
+    """Run one `sdserve …` command line; returns (exit code, stdout, stderr)."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'sdserve.db'}")
+    parser = argparse.ArgumentParser(prog="sdserve")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        args = parser.parse_args(argv)
+        code = args.run(args, settings=settings)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    run.settings = settings
+    return run
+
+
+def test_keys_lifecycle(sdserve):
+    code, out, _ = sdserve("keys", "create", "--name", "alice", "--plan", "pay_per_use",
+                           "--balance", "0.5", "--admin")  # fmt: skip
+    assert code == 0 and "will not be shown again" in out
+    plaintext = next(w for w in out.split() if w.startswith("sk-"))
+    assert sdserve("keys", "create", "--name", "bob", "--plan", "free")[0] == 0
+
+    code, out, _ = sdserve("keys", "topup", "alice", "0.25")
+    assert code == 0 and "balance 0.75 USD" in out
+    code, out, _ = sdserve("keys", "revoke", "bob")
+    assert code == 0 and "Revoked key 'bob'" in out
+
+    code, out, _ = sdserve("keys", "list")
+    lines = [line.split() for line in out.splitlines()]
+    assert lines == [
+        ["ID", "NAME", "PLAN", "ADMIN", "BALANCE_USD", "STATUS"],
+        ["1", "alice", "pay_per_use", "yes", "0.75", "active"],
+        ["2", "bob", "free", "no", "-", "revoked"],
+    ]
+    assert plaintext not in out
+
+    engine = make_engine(sdserve.settings.database_url)
+    assert KeyStore(make_sessionmaker(engine)).authenticate(plaintext).name == "alice"
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("keys", "revoke", "nobody"),
+        ("keys", "topup", "nobody", "1"),
+        ("keys", "create", "--name", "p", "--plan", "premium", "--balance", "1"),
+        ("usage", "--key", "nobody"),
+    ],
+)
+def test_errors_are_reported_not_raised(sdserve, argv):
+    code, out, err = sdserve(*argv)
+    assert code == 1 and out == "" and err.startswith("error: ")
+
+
+def test_bad_amounts_and_dates_are_usage_errors(sdserve):
+    for argv in [("keys", "topup", "a", "0.0000001"), ("usage", "--since", "March")]:
+        with pytest.raises(SystemExit):
+            sdserve(*argv)
+
+
+def test_usage_table_and_json(sdserve):
+    sdserve("keys", "create", "--name", "alice", "--plan", "pay_per_use", "--balance", "1")
+    engine = make_engine(sdserve.settings.database_url)
+    sessions = make_sessionmaker(engine)
+    key = KeyStore(sessions).find("alice")
+    jobs = JobStore(sessions, PlanLimits.from_settings(sdserve.settings))
+    for samples in (1, 2):
+        job = jobs.create(
+            request_id=str(uuid.uuid4()), key=key, model_id="stable-diffu", samples=samples,
+            params={}, meta={}, output_names=[], unit_price=Decimal("0.0047"),
+        )  # fmt: skip
+        jobs.finish(job.id, generation_time=1.0)
+    engine.dispose()
+
+    code, out, _ = sdserve("usage", "--key", "alice", "--since", "2000-01-01")
+    assert code == 0
+    assert [line.split() for line in out.splitlines()] == [
+        ["KEY", "PLAN", "MODEL", "IMAGES", "AMOUNT_USD"],
+        ["alice", "pay_per_use", "stable-diffu", "3", "0.0141"],
+        ["TOTAL", "3", "0.0141"],
+    ]
+    code, out, _ = sdserve("usage", "--json")
+    assert code == 0 and json.loads(out) == {
+        "usage": [
+            {"key_id": 1, "key": "alice", "plan": "pay_per_use", "model_id": "stable-diffu",
+             "images": 3, "amount_usd": "0.0141"}
+        ],
+        "total_images": 3,
+        "total_amount_usd": "0.0141",
+    }  # fmt: skip
+    code, out, _ = sdserve("usage", "--since", "2999-01-01", "--json")
+    assert json.loads(out)["usage"] == []

@@ -1,0 +1,83 @@
+"""Races: many requests of one key at once never overspend it nor exceed its concurrency."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+from service.pricing import Plan, PlanLimits
+from service.store.errors import ConcurrencyLimitExceeded, InsufficientCredit
+
+PRICE = Decimal("0.0047")
+THREADS = 40
+
+
+def race(db, key, jobs):
+    """THREADS one-image requests released at the same instant; returns (jobs, refusals)."""
+    start = threading.Barrier(THREADS)
+
+    def one(_):
+        start.wait()
+        try:
+            return jobs.create(
+                request_id=str(uuid.uuid4()),
+                key=key,
+                model_id="stable-diffu",
+                samples=1,
+                params={},
+                meta={},
+                output_names=["x-0.png"],
+                unit_price=PRICE,
+            )
+        except (InsufficientCredit, ConcurrencyLimitExceeded) as exc:
+            return exc
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        results = list(pool.map(one, range(THREADS)))
+    accepted = [r for r in results if not isinstance(r, Exception)]
+    return accepted, [r for r in results if isinstance(r, Exception)]
+
+
+def test_forty_requests_against_a_balance_for_ten(db):
+    keys, ledger = db.keys(), db.ledger()
+    # a concurrency limit above THREADS, so only the balance decides
+    jobs = db.jobs(limits=_limits(pay_per_use=100))
+    _, key = keys.create("alice", Plan.PAY_PER_USE, balance=Decimal("0.047"))
+
+    accepted, refused = race(db, key, jobs)
+
+    assert len(accepted) == 10 and len(refused) == 30
+    assert all(isinstance(r, InsufficientCredit) for r in refused)
+    assert keys.get(key.id).balance_micros == 0
+    for job in accepted:
+        assert jobs.finish(job.id, generation_time=0.1)
+    assert keys.get(key.id).balance_micros == 0
+    entries = ledger.entries(key_id=key.id)
+    charges = [e for e in entries if e.kind != "topup"]
+    assert -sum(e.amount_micros for e in charges) == 47_000 == 10 * 4_700
+    assert sum(e.amount_micros for e in entries) == 0
+    [row] = ledger.usage()
+    assert (row.images, row.amount_usd) == (10, Decimal("0.047"))
+    assert ledger.audit() == []
+
+
+def test_forty_requests_against_a_concurrency_limit_of_fifteen(db):
+    keys, jobs = db.keys(), db.jobs(limits=_limits(premium=15))
+    _, key = keys.create("vip", Plan.PREMIUM)
+
+    accepted, refused = race(db, key, jobs)
+
+    assert len(accepted) == 15 and len(refused) == 25
+    assert {r.limit for r in refused if isinstance(r, ConcurrencyLimitExceeded)} == {15}
+    assert len(refused) == sum(isinstance(r, ConcurrencyLimitExceeded) for r in refused)
+    assert jobs.count_processing(key.key_hash) == 15
+    assert jobs.fail(accepted[0].id, "boom")
+    accepted, refused = race(db, key, jobs)
+    assert (len(accepted), len(refused)) == (1, THREADS - 1)
+
+
+def _limits(**overrides: int) -> PlanLimits:
+    limits = {"free": 5, "pay_per_use": 10, "premium": 15, **overrides}
+    return PlanLimits(max_concurrent=limits, free_images_per_month=25)
