@@ -94,7 +94,9 @@ def install_error_handlers(app: FastAPI, strict: bool) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError):
-        return error_response(ApiError(ErrorKind.VALIDATION, describe_validation_error(exc)), strict)
+        return error_response(
+            ApiError(ErrorKind.VALIDATION, describe_validation_error(exc)), strict
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):

@@ -143,7 +143,9 @@ class KeyedRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    key: Text = Field(None, description="API key (also accepted as `Authorization: Bearer` or `key:` header).")
+    key: Text = Field(
+        None, description="API key (also accepted as `Authorization: Bearer` or `key:` header)."
+    )
 
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
@@ -160,7 +162,7 @@ class Text2ImgRequest(KeyedRequest):
     samples: Int = Field(None, description="Images to generate, 1-4 (default 1).")
     num_inference_steps: Int = Field(None, description="Denoising steps, 1-50 (default 30).")
     guidance_scale: Float = Field(None, description="Classifier-free guidance, 1-20 (default 7.5).")
-    seed: Seed = Field(None, description="null, -1, \"\" or 0 for random; image i uses seed+i.")
+    seed: Seed = Field(None, description='null, -1, "" or 0 for random; image i uses seed+i.')
     scheduler: Text = Field(None, description="A diffusers scheduler class name.")
     use_karras_sigmas: Toggle = Field(None, description='"yes"/"no" (default "yes").')
     algorithm_type: Text = Field(None, description='"dpmsolver+++" with DPMSolverMultistep.')
@@ -168,7 +170,9 @@ class Text2ImgRequest(KeyedRequest):
     lora_model: Text = Field(None, description="Comma-separated LoRA ids.")
     lora_strength: Text = Field(None, description="Comma-separated strengths, 0.1-1 each.")
     safety_checker: Toggle = Field(None, description="Needs a configured checker model.")
-    safety_checker_type: Text = Field(None, description="blur, pixelate, black, sensitive_content_text.")
+    safety_checker_type: Text = Field(
+        None, description="blur, pixelate, black, sensitive_content_text."
+    )
     base64: Toggle = Field(None, description='"yes": output URLs serve the base64 text of the PNG.')
     temp: Toggle = Field(None, description='"yes": output links expire after 24 hours.')
     webhook: Text = Field(None, description="URL that receives a POST when the job ends.")
@@ -192,7 +196,9 @@ class Text2ImgRequest(KeyedRequest):
         model_id = (self.model_id or "").strip() or settings.default_model_id
         if model_id not in model_sizes:
             available = ", ".join(sorted(model_sizes))
-            problems.append(f"model_id '{model_id}' is not available; available models: {available}")
+            problems.append(
+                f"model_id '{model_id}' is not available; available models: {available}"
+            )
             default_w, default_h = 512, 512
         else:
             default_w, default_h = model_sizes[model_id]
@@ -202,7 +208,10 @@ class Text2ImgRequest(KeyedRequest):
             problems.append("prompt must be a non-empty string")
 
         sizes = {}
-        for name, value, default in (("width", self.width, default_w), ("height", self.height, default_h)):
+        for name, value, default in (
+            ("width", self.width, default_w),
+            ("height", self.height, default_h),
+        ):
             size = default if value is None else value
             if not (settings.min_size <= size <= settings.max_size and size % 8 == 0):
                 problems.append(
@@ -259,7 +268,9 @@ class Text2ImgRequest(KeyedRequest):
             algorithm_type=algorithm_type,
             clip_skip=clip_skip,
         )
-        not_applied = [name for name in NOT_APPLIED_FIELDS if _is_set((self.model_extra or {}).get(name))]
+        not_applied = [
+            name for name in NOT_APPLIED_FIELDS if _is_set((self.model_extra or {}).get(name))
+        ]
         if self.safety_checker:
             not_applied.append("safety_checker (no safety checker model is configured)")
         options = {

@@ -148,10 +148,14 @@ async def image(request: Request, name: str):
     """An output file; future links answer 404 until their image exists."""
     data = await _read_image(_service(request), name)
     if data is None:
-        return JSONResponse({"status": "error", "message": "Not found", "messege": "Not found"}, 404)
+        return JSONResponse(
+            {"status": "error", "message": "Not found", "messege": "Not found"}, 404
+        )
     if name.endswith(".base64"):
         return PlainTextResponse(data.decode("ascii"))
-    return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=86400"})
+    return Response(
+        data, media_type="image/png", headers={"Cache-Control": "public, max-age=86400"}
+    )
 
 
 async def _read_image(service: ImageService, name: str) -> bytes | None:

@@ -22,7 +22,7 @@ from service.config import Settings
 from service.engine.protocol import GenerationOutput, GenerationParams
 from service.pricing import PriceList
 from service.registry import ModelRegistry
-from service.store.errors import ConcurrencyLimitExceeded, InsufficientCredit
+from service.store.errors import ConcurrencyLimitExceeded, InsufficientCredit, InvalidApiKey
 from service.store.images import ImageStore, output_names
 from service.store.jobs import JobRecord, JobStatus, JobStore
 from service.store.keys import KeyRecord, KeyStore
@@ -112,6 +112,8 @@ class ImageService:
             ) from None
         except InsufficientCredit as exc:
             raise ApiError(ErrorKind.CREDIT, str(exc)) from None
+        except InvalidApiKey:  # revoked between authenticate and create
+            raise ApiError(ErrorKind.AUTH, "Invalid API key") from None
 
         task = asyncio.create_task(self._run(job, params))
         self._running[job.id] = task
@@ -171,7 +173,9 @@ class ImageService:
                 "prompt_truncated": output.prompt_truncated,
             }
             elapsed = round(time.perf_counter() - started, 4)
-            await asyncio.to_thread(self.jobs.finish, job.id, generation_time=elapsed, meta_updates=updates)
+            await asyncio.to_thread(
+                self.jobs.finish, job.id, generation_time=elapsed, meta_updates=updates
+            )
         except Exception as exc:
             log.exception("job %s failed", job.id)
             message = f"Image generation failed: {_short_reason(exc)}"
@@ -191,7 +195,9 @@ class ImageService:
 
     # ---- fetch --------------------------------------------------------------------------------
 
-    async def fetch(self, body: FetchRequest, headers: dict[str, str], job_id: int | None, family: str) -> dict:
+    async def fetch(
+        self, body: FetchRequest, headers: dict[str, str], job_id: int | None, family: str
+    ) -> dict:
         key = await self.authenticate(body, headers)
         job_id = job_id if job_id is not None else body.request_id
         if job_id is None:

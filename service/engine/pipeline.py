@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,6 +32,14 @@ from service.engine.protocol import GenerationOutput, GenerationParams
 from service.engine.schedulers import build_scheduler, validate_scheduler_options
 
 CLIP_MAX_TOKENS = 77  # CLIP's context, BOS and EOS included
+
+
+class EncodedPrompt(NamedTuple):
+    """A request's text conditioning, each (1, tokens, dim)."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor | None  # None when guidance_scale <= 1: no CFG, as in diffusers
+    truncated: bool  # the prompt was longer than CLIP's 77 tokens
 
 
 @dataclass
@@ -46,7 +55,7 @@ class RequestState:
     generators: list[torch.Generator]
     timesteps: torch.Tensor
     cond_embeds: torch.Tensor  # (samples, tokens, dim)
-    uncond_embeds: torch.Tensor | None  # None when guidance_scale <= 1 (no CFG, as in diffusers)
+    uncond_embeds: torch.Tensor | None  # None without CFG
     latents: torch.Tensor | None = None  # (samples, 4, height / 8, width / 8)
     step_kwargs: dict = field(default_factory=dict)
     step: int = 0
@@ -140,17 +149,16 @@ class Engine:
         """
         self._check_batch(batch)
         first = batch[0]
-        pipe = self.load(first.model_id)
         choice = validate_scheduler_options(
             first.scheduler,
             first.use_karras_sigmas,
             first.algorithm_type,
             first.num_inference_steps,
         )
+        pipe = self.load(first.model_id)
         start = time.perf_counter()
         with torch.inference_mode():
-            states = self.encode_prompts(pipe, batch)
-            self.prepare_latents(pipe, states)
+            states = self.start_requests(pipe, batch)
             while not all(state.done for state in states):
                 self.denoise_step(pipe, [state for state in states if not state.done])
             images = self.decode(pipe, torch.cat([state.latents for state in states]))
@@ -174,27 +182,13 @@ class Engine:
             offset += state.samples
         return outputs
 
-    def encode_prompts(
+    def start_requests(
         self, pipe: StableDiffusionPipeline, batch: list[GenerationParams]
     ) -> list[RequestState]:
-        """Encode each distinct (text, clip_skip) once and set up a RequestState per request."""
-        needed: dict[int, set[str]] = {}
-        for params in batch:
-            texts = needed.setdefault(params.clip_skip, set())
-            texts.add(params.prompt)
-            if params.guidance_scale > 1:
-                texts.add(params.negative_prompt)
-        embeddings: dict[tuple[str, int], torch.Tensor] = {}
-        truncated: dict[str, bool] = {}
-        for clip_skip, texts in needed.items():
-            ordered = sorted(texts)
-            embeds, cut = self._encode_texts(pipe, ordered, clip_skip)
-            for i, text in enumerate(ordered):
-                embeddings[text, clip_skip] = embeds[i : i + 1]
-                truncated[text] = cut[i]
-
+        """Turn requests into states ready for their first denoising step."""
+        prompts = self.encode_prompts(pipe, batch)
         states = []
-        for params in batch:
+        for params, (cond, uncond, truncated) in zip(batch, prompts, strict=True):
             scheduler = build_scheduler(
                 pipe.scheduler.config,
                 params.scheduler,
@@ -211,13 +205,7 @@ class Engine:
             if "generator" in step_parameters:
                 step_kwargs["generator"] = generators
             if "eta" in step_parameters:
-                step_kwargs["eta"] = 0.0
-            cond = embeddings[params.prompt, params.clip_skip]
-            uncond = (
-                embeddings[params.negative_prompt, params.clip_skip]
-                if params.guidance_scale > 1
-                else None
-            )
+                step_kwargs["eta"] = 0.0  # DDIM without extra noise, as diffusers' default
             states.append(
                 RequestState(
                     params=params,
@@ -227,10 +215,40 @@ class Engine:
                     cond_embeds=cond.expand(params.samples, -1, -1),
                     uncond_embeds=None if uncond is None else uncond.expand(params.samples, -1, -1),
                     step_kwargs=step_kwargs,
-                    prompt_truncated=truncated[params.prompt],
+                    prompt_truncated=truncated,
                 )
             )
+        self.prepare_latents(pipe, states)
         return states
+
+    def encode_prompts(
+        self, pipe: StableDiffusionPipeline, batch: list[GenerationParams]
+    ) -> list[EncodedPrompt]:
+        """Each request's text conditioning; every distinct (text, clip_skip) is encoded once."""
+        needed: dict[int, set[str]] = {}
+        for params in batch:
+            texts = needed.setdefault(params.clip_skip, set())
+            texts.add(params.prompt)
+            if params.guidance_scale > 1:
+                texts.add(params.negative_prompt)
+        embeddings: dict[tuple[str, int], torch.Tensor] = {}
+        truncated: dict[str, bool] = {}
+        for clip_skip, texts in needed.items():
+            ordered = sorted(texts)
+            embeds, cut = self._encode_texts(pipe, ordered, clip_skip)
+            for i, text in enumerate(ordered):
+                embeddings[text, clip_skip] = embeds[i : i + 1]
+                truncated[text] = cut[i]
+        return [
+            EncodedPrompt(
+                embeddings[params.prompt, params.clip_skip],
+                embeddings[params.negative_prompt, params.clip_skip]
+                if params.guidance_scale > 1
+                else None,
+                truncated[params.prompt],
+            )
+            for params in batch
+        ]
 
     def prepare_latents(self, pipe: StableDiffusionPipeline, states: list[RequestState]) -> None:
         """Draw each image's initial noise from its own generator, scaled for its scheduler."""
@@ -350,8 +368,8 @@ class Engine:
                     raise ValueError(f"{name}: must be a positive multiple of 8, got {value}")
             if params.samples < 1:
                 raise ValueError(f"samples: must be at least 1, got {params.samples}")
-            if params.seed < 0:
-                raise ValueError(f"seed: must be non-negative, got {params.seed}")
+            if not 0 <= params.seed <= 2**64 - params.samples:
+                raise ValueError(f"seed: must be in 0..2**64 - samples, got {params.seed}")
 
     def _path(self, model_id: str) -> Path:
         try:

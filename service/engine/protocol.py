@@ -34,7 +34,7 @@ class GenerationParams:
     clip_skip: int = 1
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call (same latent shape and timesteps)."""
+        """Requests with equal keys can share one pipeline call (same latents shape, timesteps)."""
         return (
             self.model_id,
             self.width,

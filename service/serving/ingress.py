@@ -15,6 +15,7 @@ from service.engine.protocol import GenerationOutput, GenerationParams
 from service.pricing import Plan, PriceList
 from service.registry import ModelRegistry
 from service.store.db import make_engine, make_sessionmaker, migrate
+from service.store.errors import KeyNameTaken
 from service.store.images import ImageStore
 from service.store.jobs import JobStore
 from service.store.keys import KeyStore
@@ -29,13 +30,17 @@ def build_image_service(settings: Settings, generate) -> ImageService:
     sessions = make_sessionmaker(engine)
     keys = KeyStore(sessions)
     if settings.demo_key:
-        keys.ensure(
-            settings.demo_key,
-            name="demo",
-            plan=Plan.PAY_PER_USE,
-            balance=settings.demo_key_balance_usd,
-            admin=True,
-        )
+        try:
+            keys.ensure(
+                settings.demo_key,
+                name="demo",
+                plan=Plan.PAY_PER_USE,
+                balance=settings.demo_key_balance_usd,
+                admin=True,
+            )
+        except KeyNameTaken:
+            # A different demo key was configured before; keep it rather than rotate silently.
+            log.warning("a key named 'demo' already exists with another value; not replacing it")
     return ImageService(
         settings,
         jobs=JobStore(sessions, settings),

@@ -172,7 +172,6 @@ class JobStore:
                 limits=self._limits,
                 now=now,
             )
-            session.flush()
             return JobRecord.of(job)
 
     def get(self, job_id: int) -> JobRecord | None:

@@ -96,7 +96,9 @@ def test_several_broken_rules_are_all_reported():
 def test_operator_bounds_apply():
     settings = Settings(min_size=64, max_size=512, max_steps=10)
     assert params(settings, width=64, height=64)[0].width == 64
-    with pytest.raises(RequestError, match="num_inference_steps must be an integer between 1 and 10"):
+    with pytest.raises(
+        RequestError, match="num_inference_steps must be an integer between 1 and 10"
+    ):
         params(settings, num_inference_steps=20)
 
 

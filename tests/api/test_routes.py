@@ -98,7 +98,9 @@ def test_text2img_success_shape_and_png(env):
 
 def test_base64_outputs(env):
     client, _, _ = env
-    body = post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64, base64="yes").json()
+    body = post(
+        client, "/api/v6/images/text2img", prompt="x", width=64, height=64, base64="yes"
+    ).json()
     url = body["output"][0]
     assert url.endswith(".base64")
     text = client.get(url.removeprefix("http://testserver")).text
@@ -179,7 +181,9 @@ def test_bad_input_is_named_and_nothing_is_stored(env):
         assert r.status_code == 200
         assert r.json()["status"] == "error" and expected in r.json()["message"], r.json()
     malformed = client.post(
-        "/api/v6/images/text2img", content=b'{"key": "x", "prompt": ', headers={"content-type": "application/json"}
+        "/api/v6/images/text2img",
+        content=b'{"key": "x", "prompt": ',
+        headers={"content-type": "application/json"},
     )
     assert malformed.json() == {
         "status": "error",
@@ -190,9 +194,10 @@ def test_bad_input_is_named_and_nothing_is_stored(env):
     assert big.status_code == 413 and "larger than the limit of 4096 bytes" in big.json()["message"]
     assert engine.calls == []
     assert service.jobs.processing() == [] and service.jobs.get(1) is None
-    assert post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64).json()[
-        "status"
-    ] == "success"
+    assert (
+        post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64).json()["status"]
+        == "success"
+    )
 
 
 def test_failed_generation_is_reported_and_fetchable(env):

@@ -159,6 +159,8 @@ def test_invalid_batches_raise_value_error(engine):
         engine.generate([request(model_id="sdxl")])
     with pytest.raises(ValueError, match="^width:"):
         engine.generate([request(width=100)])
+    with pytest.raises(ValueError, match="^seed:"):
+        engine.generate([request(seed=-1)])
     with pytest.raises(ValueError, match="^batch:"):
         engine.generate([])
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +92,22 @@ def test_ensure_seeds_once_and_never_resets_the_balance(db):
     with pytest.raises(KeyNameTaken):
         keys.ensure("another-secret", "demo", Plan.PAY_PER_USE, Decimal("10"))
     assert len(db.ledger().entries(key_id=seeded.id)) == 2
+
+
+def test_keys_work_in_a_fresh_interpreter_that_imports_only_them(tmp_path):
+    # A top-up writes a ledger row whose table refers to jobs: importing keys must suffice.
+    script = (
+        "from decimal import Decimal\n"
+        "from service.store.db import make_engine, make_sessionmaker, migrate\n"
+        "from service.store.keys import KeyStore\n"
+        f"engine = make_engine('sqlite:///{tmp_path / 'k.db'}')\n"
+        "migrate(engine)\n"
+        "_, key = KeyStore(make_sessionmaker(engine)).create('a', 'pay_per_use', Decimal(1))\n"
+        "print(key.balance_micros)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1000000"
