@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from datetime import date
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -299,6 +300,13 @@ class FetchRequest(KeyedRequest):
     """`POST /api/v6/images/fetch` (and the `{id}` forms, where the id is in the path)."""
 
     request_id: Int = Field(None, description="The `id` of a text2img response.")
+
+
+class UsageRequest(KeyedRequest):
+    """`POST /api/v1/enterprise/usage`: delivered images and their price per key and model."""
+
+    key_name: Text = Field(None, description="Only this key (its name).")
+    since: date | None = Field(None, description="Only images settled on or after this UTC date.")
 
 
 # ---- responses --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from service.api.protocol import (
     SuccessResponse,
     SystemLoadResponse,
     Text2ImgRequest,
+    UsageRequest,
 )
 from service.api.text2img import ImageService
 
@@ -141,6 +142,32 @@ async def request_count(request: Request, body: Annotated[KeyedRequest | None, B
         "processing_count": count,
         "message": f"{count} requests processing",
     }
+
+
+@router.post("/api/v1/enterprise/images/text2img", responses=JOB_RESPONSES, tags=["enterprise"])
+async def text2img_enterprise(request: Request, body: Text2ImgBody):
+    """The dedicated-server API (`enterprise=True` in modelslab-py); needs an admin key."""
+    service = _service(request)
+    await service.authenticate_admin(body, _headers(request))
+    return await service.text2img(body, _headers(request), "enterprise")
+
+
+@router.post(
+    "/api/v1/enterprise/images/fetch/{job_id}", responses=JOB_RESPONSES, tags=["enterprise"]
+)
+async def fetch_enterprise(request: Request, job_id: JobId, body: FetchBody = None):
+    service = _service(request)
+    await service.authenticate_admin(body or FetchRequest(), _headers(request))
+    return await service.fetch(body or FetchRequest(), _headers(request), job_id, "enterprise")
+
+
+@router.post("/api/v1/enterprise/usage", tags=["enterprise"])
+async def usage(request: Request, body: Annotated[UsageRequest | None, Body()] = None):
+    """Delivered images and their price per key and model, as `sdserve usage --json`."""
+    service = _service(request)
+    body = body or UsageRequest()
+    await service.authenticate_admin(body, _headers(request))
+    return await service.usage(body.key_name, body.since)
 
 
 @router.get("/images/{name:path}", tags=["images"], include_in_schema=True)

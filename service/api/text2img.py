@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from datetime import date
 
 import httpx
 
@@ -22,10 +23,16 @@ from service.config import Settings
 from service.engine.protocol import GenerationOutput, GenerationParams
 from service.pricing import PriceList
 from service.registry import ModelRegistry
-from service.store.errors import ConcurrencyLimitExceeded, InsufficientCredit, InvalidApiKey
+from service.store.errors import (
+    ConcurrencyLimitExceeded,
+    InsufficientCredit,
+    InvalidApiKey,
+    KeyNotFound,
+)
 from service.store.images import ImageStore, output_names
 from service.store.jobs import JobRecord, JobStatus, JobStore
 from service.store.keys import KeyRecord, KeyStore
+from service.store.ledger import Ledger, usage_document
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,7 @@ FETCH_PATHS = {
     "v7": "/api/v7/images/fetch/{id}",
     "v3": "/api/v3/fetch/{id}",
     "v4": "/api/v4/dreambooth/fetch/{id}",
+    "enterprise": "/api/v1/enterprise/images/fetch/{id}",
 }
 
 
@@ -47,6 +55,7 @@ class ImageService:
         *,
         jobs: JobStore,
         keys: KeyStore,
+        ledger: Ledger,
         prices: PriceList,
         images: ImageStore,
         registry: ModelRegistry,
@@ -55,6 +64,7 @@ class ImageService:
         self.settings = settings
         self.jobs = jobs
         self.keys = keys
+        self.ledger = ledger
         self.prices = prices
         self.images = images
         self.registry = registry
@@ -73,6 +83,19 @@ class ImageService:
         if record is None:
             raise ApiError(ErrorKind.AUTH, "Invalid API key")
         return record
+
+    async def authenticate_admin(self, body: KeyedRequest, headers: dict[str, str]) -> KeyRecord:
+        key = await self.authenticate(body, headers)
+        if not key.admin:
+            raise ApiError(ErrorKind.FORBIDDEN, "This endpoint needs an admin API key")
+        return key
+
+    async def usage(self, key_name: str | None, since: date | None) -> dict:
+        try:
+            rows = await asyncio.to_thread(self.ledger.usage, key_name, since)
+        except KeyNotFound:
+            raise ApiError(ErrorKind.NOT_FOUND, f"No API key named '{key_name}'") from None
+        return {"status": "success", **usage_document(rows)}
 
     # ---- text2img -----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from service.store.errors import KeyNameTaken
 from service.store.images import ImageStore
 from service.store.jobs import JobStore
 from service.store.keys import KeyStore
+from service.store.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def build_image_service(settings: Settings, generate) -> ImageService:
         settings,
         jobs=JobStore(sessions, settings),
         keys=keys,
+        ledger=Ledger(sessions),
         prices=PriceList.from_settings(settings),
         images=ImageStore(settings.image_store_url),
         registry=ModelRegistry(settings),

@@ -8,7 +8,9 @@ import asyncio
 import base64
 import io
 import json
+from decimal import Decimal
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -17,6 +19,7 @@ from PIL import Image
 from service.api.routes import create_app
 from service.config import Settings
 from service.engine.protocol import GenerationOutput, GenerationParams
+from service.pricing import PlanLimits
 from service.serving.ingress import build_image_service
 
 KEY = "test-key"
@@ -251,3 +254,111 @@ def test_webhook_failure_is_recorded(env):
     asyncio.run(asyncio.sleep(0.5))
     job = service.jobs.get(body["id"])
     assert job.webhook_status == "failed"
+
+
+# ---- keys, plans and the ledger, over HTTP ------------------------------------------------------
+
+
+def balance(service, name):
+    return service.keys.find(name).balance
+
+
+def test_failed_generation_charges_nothing(env):
+    client, engine, service = env
+    before = balance(service, "demo")
+    engine.fail = True
+    assert (
+        post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64).json()["status"]
+        == "failed"
+    )
+    assert balance(service, "demo") == before
+    engine.fail = False
+    post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64, samples=2)
+    assert before - balance(service, "demo") == Decimal("0.0094")
+    assert service.ledger.audit() == []
+
+
+def test_forty_concurrent_requests_against_a_balance_for_ten(env):
+    client, _, service = env
+    service.jobs._limits = PlanLimits({"free": 5, "pay_per_use": 64, "premium": 64}, 25)
+    key, _ = service.keys.create("ten-images", "pay_per_use", balance=Decimal("0.047"))
+    app = client.app
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as ac:
+            body = {"key": key, "prompt": "x", "width": 64, "height": 64}
+            return await asyncio.gather(
+                *(ac.post("/api/v6/images/text2img", json=body) for _ in range(40))
+            )
+
+    responses = [r.json() for r in asyncio.run(burst())]
+    statuses = [r["status"] for r in responses]
+    assert statuses.count("success") == 10, statuses
+    refused = [r for r in responses if r["status"] == "error"]
+    assert len(refused) == 30
+    assert all("Insufficient credits" in r["message"] for r in refused)
+    assert balance(service, "ten-images") == 0
+    usage = service.ledger.usage("ten-images")
+    assert sum(row.images for row in usage) == 10
+    assert sum(row.amount_usd for row in usage) == Decimal("0.047")
+    assert service.ledger.audit() == []
+
+
+def test_concurrency_limit_answers_429_with_retry_after(env):
+    client, engine, service = env
+    key, _ = service.keys.create("freebie", "free")
+    engine.delay_s = 0.5
+    app = client.app
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as ac:
+            body = {"key": key, "prompt": "x", "width": 64, "height": 64}
+            return await asyncio.gather(
+                *(ac.post("/api/v6/images/text2img", json=body) for _ in range(8))
+            )
+
+    responses = asyncio.run(burst())
+    limited = [r for r in responses if r.status_code == 429]
+    assert len(limited) == 3  # the free plan allows 5 at once
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in limited)
+    assert all(r.json()["retry_after"] > 0 and "at most 5" in r.json()["message"] for r in limited)
+
+
+def test_free_allowance_premium_and_revocation(env):
+    client, _, service = env
+    free_key, _ = service.keys.create("free-user", "free")
+    premium_key, _ = service.keys.create("premium-user", "premium")
+    body = {"prompt": "x", "width": 64, "height": 64, "samples": 4}
+    results = [
+        client.post("/api/v6/images/text2img", json={"key": free_key, **body}).json()["status"]
+        for _ in range(7)
+    ]
+    assert results == ["success"] * 6 + ["error"]  # 25 a month: 6 x 4 = 24, then 4 > 1 left
+    for _ in range(3):
+        ok = client.post("/api/v6/images/text2img", json={"key": premium_key, **body}).json()
+        assert ok["status"] == "success"
+    premium = [row for row in service.ledger.usage("premium-user")]
+    assert sum(r.images for r in premium) == 12 and sum(r.amount_usd for r in premium) == 0
+    service.keys.revoke("premium-user")
+    revoked = client.post("/api/v6/images/text2img", json={"key": premium_key, **body}).json()
+    assert revoked["status"] == "error" and revoked["message"] == "Invalid API key"
+
+
+def test_enterprise_routes_need_an_admin_key(env):
+    client, _, service = env
+    user_key, _ = service.keys.create("not-admin", "premium")
+    post(client, "/api/v1/enterprise/images/text2img", prompt="x", width=64, height=64)
+    denied = client.post("/api/v1/enterprise/usage", json={"key": user_key}).json()
+    assert denied["status"] == "error" and "admin" in denied["message"]
+    denied = client.post(
+        "/api/v1/enterprise/images/text2img", json={"key": user_key, "prompt": "x"}
+    ).json()
+    assert denied["status"] == "error" and "admin" in denied["message"]
+    report = post(client, "/api/v1/enterprise/usage").json()
+    assert report["status"] == "success"
+    assert report["total_images"] == 1 and report["total_amount_usd"] == "0.0047"
+    assert report["usage"][0]["key"] == "demo"
+    missing = post(client, "/api/v1/enterprise/usage", key_name="ghost").json()
+    assert missing["status"] == "error"
