@@ -58,6 +58,11 @@ class Settings(BaseSettings):
         description="A pay-per-use admin key created at start if missing (for the demo); "
         "set to empty to create none.",
     )
+    admin_key: str | None = Field(
+        None,
+        description="A premium admin key named 'admin' created at start if missing "
+        "(deployments set it from a Secret; rotate it with `sdserve keys`).",
+    )
     demo_key_balance_usd: Decimal = Field(Decimal("10"), description="Demo key's first balance.")
     default_price_per_image_usd: Decimal = Field(
         Decimal("0.0047"), description="Price of one image of a model without its own price."

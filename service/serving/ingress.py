@@ -4,6 +4,7 @@ hands generation to the generator deployment through its handle."""
 from __future__ import annotations
 
 import logging
+from decimal import Decimal
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -30,18 +31,17 @@ def build_image_service(settings: Settings, generate) -> ImageService:
     migrate(engine)
     sessions = make_sessionmaker(engine)
     keys = KeyStore(sessions)
+    seeds = []
     if settings.demo_key:
+        seeds.append((settings.demo_key, "demo", Plan.PAY_PER_USE, settings.demo_key_balance_usd))
+    if settings.admin_key:
+        seeds.append((settings.admin_key, "admin", Plan.PREMIUM, Decimal(0)))
+    for plaintext, name, plan, balance in seeds:
         try:
-            keys.ensure(
-                settings.demo_key,
-                name="demo",
-                plan=Plan.PAY_PER_USE,
-                balance=settings.demo_key_balance_usd,
-                admin=True,
-            )
+            keys.ensure(plaintext, name=name, plan=plan, balance=balance, admin=True)
         except KeyNameTaken:
-            # A different demo key was configured before; keep it rather than rotate silently.
-            log.warning("a key named 'demo' already exists with another value; not replacing it")
+            # Another value was configured before; keep that key rather than rotate silently.
+            log.warning("a key named %r already exists with another value; not replacing it", name)
     return ImageService(
         settings,
         jobs=JobStore(sessions, settings),
