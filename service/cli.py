@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--config", default=DEFAULT_SERVE_CONFIG, help="Serve config YAML")
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument(
+        "--metrics-port", type=int, default=8080, help="Ray's Prometheus metrics export port"
+    )
     serve_cmd.set_defaults(run=_serve)
 
     tiny = commands.add_parser("tiny-model", help="write the tiny random-weight SD2 demo model")
@@ -100,7 +103,12 @@ def _serve(args) -> int:
     _ensure_models(overrides)
     settings = load_settings(**overrides)
 
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
+    ray.init(
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=True,
+        _metrics_export_port=args.metrics_port,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -111,6 +119,7 @@ def _serve(args) -> int:
         print(f"\nsdserve is serving on {base}")
         print(f"  POST {base}/api/v6/images/text2img")
         print(f"  API docs: {base}/docs")
+        print(f"  Prometheus metrics: http://{args.host}:{args.metrics_port}/metrics")
         if settings.demo_key:
             print(f"  demo API key: {settings.demo_key}")
         print("Press Ctrl-C to stop.\n", flush=True)

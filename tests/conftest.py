@@ -29,10 +29,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(tmp: Path, model_dir: Path, args: dict | None = None, settings: dict | None = None):
+def running_app(
+    tmp: Path,
+    model_dir: Path,
+    args: dict | None = None,
+    settings: dict | None = None,
+    metrics_port: int | None = None,
+):
     """Start Ray, Serve and the sdserve app on a free loopback port; yields (base_url, settings).
 
-    One per test module: Ray takes ~10 s to start on this machine.
+    One per test module: Ray takes ~10 s to start on this machine. With `metrics_port`, Ray
+    exports metrics there every 0.5 s (instead of 10 s) so tests can read them soon.
     """
     import httpx
     import ray
@@ -52,11 +59,18 @@ def running_app(tmp: Path, model_dir: Path, args: dict | None = None, settings: 
     }
     app_args = {"max_batch_size": 8, "batch_wait_timeout_s": 0.2, **(args or {})}
     app_args["settings"] = app_settings
+    metrics_options = {}
+    if metrics_port:
+        metrics_options = {
+            "_metrics_export_port": metrics_port,
+            "_system_config": {"metrics_report_interval_ms": 500},
+        }
     ray.init(
         num_cpus=4,
         include_dashboard=False,
         configure_logging=False,
         runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}},
+        **metrics_options,
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -85,18 +86,38 @@ def describe_validation_error(exc: RequestValidationError) -> str:
     return "; ".join(dict.fromkeys(parts)) or "request body is invalid"
 
 
+def route_label(request: Request) -> str:
+    """The matched route's path template: a bounded set of values, fit for a metric label."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
+
+
+def _record(request: Request, error: ApiError) -> None:
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        return
+    started = getattr(request.state, "started_at", None)
+    elapsed = time.perf_counter() - started if started is not None else 0.0
+    route = route_label(request)
+    status = "rate_limited" if error.kind is ErrorKind.RATE_LIMIT else "error"
+    service.metrics.error(route, error.kind.label)
+    service.metrics.request_done(route, "none", status, elapsed)
+
+
 def install_error_handlers(app: FastAPI, strict: bool) -> None:
-    """Every error leaves the server as the ModelsLab envelope; 500s never leak internals."""
+    """Every error leaves the server as the ModelsLab envelope, counted in the metrics;
+    500s never leak internals."""
 
     @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError):
+    async def _api_error(request: Request, exc: ApiError):
+        _record(request, exc)
         return error_response(exc, strict)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError):
-        return error_response(
-            ApiError(ErrorKind.VALIDATION, describe_validation_error(exc)), strict
-        )
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        error = ApiError(ErrorKind.VALIDATION, describe_validation_error(exc))
+        _record(request, error)
+        return error_response(error, strict)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
@@ -111,6 +132,8 @@ def install_error_handlers(app: FastAPI, strict: bool) -> None:
         return response
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error", exc_info=exc)
-        return error_response(ApiError(ErrorKind.INTERNAL, "Internal server error"), strict)
+        error = ApiError(ErrorKind.INTERNAL, "Internal server error")
+        _record(request, error)
+        return error_response(error, strict)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Body, FastAPI, Path, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from service.api.errors import ErrorKind, install_error_handlers
+from service.api.errors import ErrorKind, install_error_handlers, route_label
 from service.api.protocol import (
     ErrorResponse,
     FailedResponse,
@@ -50,7 +51,7 @@ JobId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The `id` of a text2
 @router.post("/api/v6/images/text2img", responses=JOB_RESPONSES, tags=["v6"])
 async def text2img_v6(request: Request, body: Text2ImgBody):
     """Generate images from a prompt (the main ModelsLab endpoint)."""
-    return await _service(request).text2img(body, _headers(request), "v6")
+    return await _service(request).text2img(body, _headers(request), "v6", route_label(request))
 
 
 @router.post("/api/v6/images/fetch/{job_id}", responses=JOB_RESPONSES, tags=["v6"])
@@ -68,7 +69,7 @@ async def fetch_v6_by_body(request: Request, body: FetchBody = None):
 @router.post("/api/v7/images/text-to-image", responses=JOB_RESPONSES, tags=["v7"])
 async def text2img_v7(request: Request, body: Text2ImgBody):
     """The newer API generation's text-to-image (same fields and bodies as v6)."""
-    return await _service(request).text2img(body, _headers(request), "v7")
+    return await _service(request).text2img(body, _headers(request), "v7", route_label(request))
 
 
 @router.post("/api/v7/images/fetch/{job_id}", responses=JOB_RESPONSES, tags=["v7"])
@@ -80,7 +81,7 @@ async def fetch_v7(request: Request, job_id: JobId, body: FetchBody = None):
 async def text2img_v3(request: Request, body: Text2ImgBody):
     """Legacy text2img: no model_id, always the default model."""
     body.model_id = None
-    return await _service(request).text2img(body, _headers(request), "v3")
+    return await _service(request).text2img(body, _headers(request), "v3", route_label(request))
 
 
 @router.post("/api/v3/fetch/{job_id}", responses=JOB_RESPONSES, tags=["v3"])
@@ -91,7 +92,7 @@ async def fetch_v3(request: Request, job_id: JobId, body: FetchBody = None):
 @router.post("/api/v4/dreambooth", responses=JOB_RESPONSES, tags=["v4"])
 async def text2img_v4(request: Request, body: Text2ImgBody):
     """Legacy community-models API: same fields as v6."""
-    return await _service(request).text2img(body, _headers(request), "v4")
+    return await _service(request).text2img(body, _headers(request), "v4", route_label(request))
 
 
 @router.post("/api/v4/dreambooth/fetch", responses=JOB_RESPONSES, tags=["v4"])
@@ -149,7 +150,7 @@ async def text2img_enterprise(request: Request, body: Text2ImgBody):
     """The dedicated-server API (`enterprise=True` in modelslab-py); needs an admin key."""
     service = _service(request)
     await service.authenticate_admin(body, _headers(request))
-    return await service.text2img(body, _headers(request), "enterprise")
+    return await service.text2img(body, _headers(request), "enterprise", route_label(request))
 
 
 @router.post(
@@ -195,6 +196,15 @@ async def healthz():
     return {"status": "ok"}
 
 
+@router.get("/readyz", tags=["ops"])
+async def readyz(request: Request):
+    """A generator replica has its models loaded and warmed: traffic can be sent."""
+    ready = getattr(request.app.state, "ready", None)
+    if ready is not None and not await ready():
+        return JSONResponse({"status": "not_ready"}, status_code=503)
+    return {"status": "ok"}
+
+
 class RequestBodyGate:
     """ASGI middleware: refuses bodies over `limit` bytes without reading more than that, and
     reads every /api/ body as JSON whatever its content-type (many client snippets send
@@ -208,6 +218,7 @@ class RequestBodyGate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        scope.setdefault("state", {})["started_at"] = time.perf_counter()
         declared = dict(scope.get("headers") or {}).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(send)

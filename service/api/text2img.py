@@ -21,7 +21,8 @@ from service.api.errors import ApiError, ErrorKind
 from service.api.protocol import FetchRequest, KeyedRequest, RequestError, Text2ImgRequest
 from service.config import Settings
 from service.engine.protocol import GenerationOutput, GenerationParams
-from service.pricing import PriceList
+from service.metrics import Metrics, NoMetrics, resolution_bucket
+from service.pricing import Plan, PriceList
 from service.registry import ModelRegistry
 from service.store.errors import (
     ConcurrencyLimitExceeded,
@@ -60,6 +61,7 @@ class ImageService:
         images: ImageStore,
         registry: ModelRegistry,
         generate: GenerateFn,
+        metrics: Metrics | NoMetrics | None = None,
     ):
         self.settings = settings
         self.jobs = jobs
@@ -69,6 +71,7 @@ class ImageService:
         self.images = images
         self.registry = registry
         self._generate = generate
+        self.metrics = metrics or NoMetrics()
         self._base_url = settings.public_base_url.rstrip("/")
         self._running: dict[int, asyncio.Task] = {}
         self._webhooks: set[asyncio.Task] = set()
@@ -99,7 +102,10 @@ class ImageService:
 
     # ---- text2img -----------------------------------------------------------------------------
 
-    async def text2img(self, body: Text2ImgRequest, headers: dict[str, str], family: str) -> dict:
+    async def text2img(
+        self, body: Text2ImgRequest, headers: dict[str, str], family: str, route: str = ""
+    ) -> dict:
+        started = time.perf_counter()
         key = await self.authenticate(body, headers)
         if body.ignored_fields():
             log.info("ignored unknown fields: %s", ", ".join(body.ignored_fields()))
@@ -107,15 +113,16 @@ class ImageService:
             params, options = body.to_params(self.settings, self.registry.sizes())
         except RequestError as exc:
             raise ApiError(ErrorKind.VALIDATION, str(exc)) from None
+        self.metrics.stage("validation", params.model_id, time.perf_counter() - started)
 
-        request_id = str(uuid.uuid4())
+        job_uuid = str(uuid.uuid4())
         file_prefix = uuid.uuid4().hex
         names = output_names(file_prefix, params.samples, options["base64"], options["temp"])
-        meta = self._meta(params, options, request_id, file_prefix)
+        meta = self._meta(params, options, current_request_id() or job_uuid, file_prefix)
         try:
             job = await asyncio.to_thread(
                 self.jobs.create,
-                request_id=request_id,
+                request_id=job_uuid,
                 key=key,
                 model_id=params.model_id,
                 samples=params.samples,
@@ -127,6 +134,7 @@ class ImageService:
                 track_id=options["track_id"],
             )
         except ConcurrencyLimitExceeded as exc:
+            self.metrics.rate_limit(key.plan.value)
             raise ApiError(
                 ErrorKind.RATE_LIMIT,
                 f"Too many requests: at most {exc.limit} requests of this key may be queued "
@@ -138,19 +146,30 @@ class ImageService:
         except InvalidApiKey:  # revoked between authenticate and create
             raise ApiError(ErrorKind.AUTH, "Invalid API key") from None
 
-        task = asyncio.create_task(self._run(job, params))
+        task = asyncio.create_task(self._run(job, params, key))
         self._running[job.id] = task
-        task.add_done_callback(lambda _t, job_id=job.id: self._running.pop(job_id, None))
+        self.metrics.set_inflight(len(self._running))
+        task.add_done_callback(lambda _t, job_id=job.id: self._job_ended(job_id))
 
         if options["instant_response"]:
-            return self._processing_body(job, family, "Request accepted; fetch the result later")
-        try:
-            await asyncio.wait_for(asyncio.shield(task), self.settings.sync_window_s)
-        except TimeoutError:
-            return self._processing_body(job, family, "Request is processing; fetch it later")
-        except Exception:
-            pass  # the job row already says how it failed
-        return await self.job_body(job.id, family)
+            body = self._processing_body(job, family, "Request accepted; fetch the result later")
+        else:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self.settings.sync_window_s)
+            except TimeoutError:
+                body = self._processing_body(job, family, "Request is processing; fetch it later")
+            except Exception:
+                body = await self.job_body(job.id, family)  # the job row says how it failed
+            else:
+                body = await self.job_body(job.id, family)
+        self.metrics.request_done(
+            route, params.model_id, body["status"], time.perf_counter() - started
+        )
+        return body
+
+    def _job_ended(self, job_id: int) -> None:
+        self._running.pop(job_id, None)
+        self.metrics.set_inflight(len(self._running))
 
     def _meta(self, params: GenerationParams, options: dict, request_id: str, prefix: str) -> dict:
         return {
@@ -182,13 +201,16 @@ class ImageService:
             "not_applied": options["not_applied"],
         }
 
-    async def _run(self, job: JobRecord, params: GenerationParams) -> None:
+    async def _run(self, job: JobRecord, params: GenerationParams, key: KeyRecord) -> None:
         """Generate, store, settle; on any failure mark the job failed (which releases its
         reservation). Exactly one of the two happens, whatever else runs concurrently."""
         started = time.perf_counter()
+        resolution = resolution_bucket(params.width, params.height)
         try:
             output = await self._generate(params)
+            stored = time.perf_counter()
             await asyncio.to_thread(self._store_images, job.output_names, output.images)
+            self.metrics.stage("storage", params.model_id, time.perf_counter() - stored)
             updates = {
                 "seed": output.seed,
                 "batch_size": output.batch_size,
@@ -196,14 +218,22 @@ class ImageService:
                 "prompt_truncated": output.prompt_truncated,
             }
             elapsed = round(time.perf_counter() - started, 4)
-            await asyncio.to_thread(
+            settled = await asyncio.to_thread(
                 self.jobs.finish, job.id, generation_time=elapsed, meta_updates=updates
             )
         except Exception as exc:
             log.exception("job %s failed", job.id)
             message = f"Image generation failed: {_short_reason(exc)}"
             await asyncio.to_thread(self.jobs.fail, job.id, message)
+            elapsed = time.perf_counter() - started
+            self.metrics.job_done(params.model_id, resolution, "failed", elapsed)
             raise
+        else:
+            if settled:
+                unit_price = self.prices.price_per_image(params.model_id)
+                charged = unit_price * params.samples if key.plan is Plan.PAY_PER_USE else 0
+                self.metrics.billed(params.model_id, key.plan.value, charged)
+            self.metrics.job_done(params.model_id, resolution, "success", elapsed)
         finally:
             if job.webhook:
                 hook = asyncio.create_task(self._deliver_webhook(job.id))
@@ -323,6 +353,17 @@ class ImageService:
         pending = list(self._running.values()) + list(self._webhooks)
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+def current_request_id() -> str | None:
+    """Ray Serve's id of the HTTP request being handled (also its X-Request-Id header and the
+    request_id of its JSON log lines), so meta, logs and headers name a request alike."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or None
+    except Exception:  # outside Serve
+        return None
 
 
 def _key_from_headers(headers: dict[str, str]) -> str | None:

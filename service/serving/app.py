@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
@@ -38,6 +38,9 @@ class AppConfig(BaseModel):
     ingress_max_ongoing_requests: int = Field(
         256, ge=1, description="Requests one ingress replica handles at once."
     )
+    log_encoding: Literal["JSON", "TEXT"] = Field(
+        "JSON", description="Replica log lines as JSON (with Serve's request_id) or text."
+    )
     settings: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of any SDSERVE_* setting."
     )
@@ -69,6 +72,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         },
         # Loading and warming a real model takes minutes on a cold node.
         "health_check_timeout_s": 60,
+        "logging_config": {"encoding": config.log_encoding},
     }
     if config.generator_autoscaling:
         generator_options["autoscaling_config"] = config.generator_autoscaling
@@ -80,6 +84,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        logging_config={"encoding": config.log_encoding},
     )
     return ingress.bind(
         generator.bind(

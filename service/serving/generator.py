@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 
 from ray import serve
 
 from service.config import Settings
 from service.engine.protocol import GenerationOutput, GenerationParams
+from service.metrics import get_metrics, resolution_bucket
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +62,51 @@ class Generator:
         from service.engine.pipeline import Engine
 
         device = resolve_device(settings.device)
+        self.device = device
+        self.settings = settings
+        self.metrics = get_metrics()
         self.engine = Engine(
             settings.model_paths(), device=device, dtype=resolve_dtype(settings.dtype, device)
         )
         for model_id in settings.model_paths():
+            started = time.perf_counter()
             self.engine.load(model_id)
             if settings.warmup:
                 self.engine.warmup(model_id)
+            self.metrics.set_warmup(model_id, time.perf_counter() - started)
         self.max_batch_images = max_batch_images
+        self._waiting = 0
+        self._unusable: str | None = None
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         log.info("generator ready on %s with models %s", device, sorted(settings.models))
 
     async def generate(self, params: GenerationParams) -> GenerationOutput:
-        result = await self._batched(params)
+        self._waiting += 1
+        self.metrics.set_queue_depth(self._waiting)
+        result = await self._batched((params, time.perf_counter()))
         if isinstance(result, Exception):
             raise result
         return result
 
+    def ready(self) -> bool:
+        """Models loaded and warmed (the constructor has returned) and no fatal error seen."""
+        return self._unusable is None
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose accelerator hit an unrecoverable error."""
+        if self._unusable is not None:
+            raise RuntimeError(f"generator unusable: {self._unusable}")
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)
-    async def _batched(self, requests: list[GenerationParams]) -> list:
+    async def _batched(self, items: list[tuple[GenerationParams, float]]) -> list:
+        started = time.perf_counter()
+        requests = [params for params, _ in items]
+        for params, enqueued in items:
+            self.metrics.stage("queue", params.model_id, started - enqueued)
+        self._waiting -= len(items)
+        self.metrics.set_queue_depth(self._waiting)
+
         results: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, params in enumerate(requests):
@@ -87,13 +114,39 @@ class Generator:
         samples = [params.samples for params in requests]
         for indices in groups.values():
             for chunk in split_by_images(indices, samples, self.max_batch_images):
-                try:
-                    outputs = await asyncio.to_thread(
-                        self.engine.generate, [requests[i] for i in chunk]
-                    )
-                except Exception as exc:  # one failing group must not fail the others
-                    log.exception("generation failed for a group of %d requests", len(chunk))
-                    outputs = [exc] * len(chunk)
-                for index, output in zip(chunk, outputs, strict=True):
+                results_of_chunk = await self._run_chunk([requests[i] for i in chunk])
+                for index, output in zip(chunk, results_of_chunk, strict=True):
                     results[index] = output
         return results
+
+    async def _run_chunk(self, chunk: list[GenerationParams]) -> list:
+        """One pipeline call; its failure fails only its own requests."""
+        first = chunk[0]
+        started = time.perf_counter()
+        try:
+            outputs = await asyncio.to_thread(self.engine.generate, chunk)
+        except Exception as exc:
+            log.exception("generation failed for a group of %d requests", len(chunk))
+            if _is_fatal_device_error(exc):
+                self._unusable = f"{type(exc).__name__}: {exc}"[:500]
+            return [exc] * len(chunk)
+        self.metrics.batch_done(
+            first.model_id,
+            resolution_bucket(first.width, first.height),
+            sum(params.samples for params in chunk),
+            time.perf_counter() - started,
+            self.settings.gpu_hour_price_usd,
+        )
+        if self.device.startswith("cuda"):
+            import torch
+
+            self.metrics.set_gpu_memory(
+                torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+            )
+        return outputs
+
+
+def _is_fatal_device_error(exc: BaseException) -> bool:
+    """CUDA errors other than out-of-memory leave the context unusable until restart."""
+    text = str(exc)
+    return "CUDA error" in text or "device-side assert" in text or "NCCL" in text

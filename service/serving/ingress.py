@@ -3,6 +3,7 @@ hands generation to the generator deployment through its handle."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from decimal import Decimal
 
@@ -13,6 +14,7 @@ from service.api.routes import create_app
 from service.api.text2img import ImageService
 from service.config import Settings
 from service.engine.protocol import GenerationOutput, GenerationParams
+from service.metrics import get_metrics
 from service.pricing import Plan, PriceList
 from service.registry import ModelRegistry
 from service.store.db import make_engine, make_sessionmaker, migrate
@@ -24,8 +26,10 @@ from service.store.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
+READY_TIMEOUT_S = 5.0
 
-def build_image_service(settings: Settings, generate) -> ImageService:
+
+def build_image_service(settings: Settings, generate, metrics=None) -> ImageService:
     """Everything the HTTP layer stands on, wired from settings (also used by unit tests)."""
     engine = make_engine(settings.database_url)
     migrate(engine)
@@ -51,6 +55,7 @@ def build_image_service(settings: Settings, generate) -> ImageService:
         images=ImageStore(settings.image_store_url),
         registry=ModelRegistry(settings),
         generate=generate,
+        metrics=metrics,
     )
 
 
@@ -59,12 +64,19 @@ class Ingress:
     def __init__(self, generator: DeploymentHandle, settings: Settings):
         self._generator = generator
         self.settings = settings
-        self.service = build_image_service(settings, self._generate)
+        self.service = build_image_service(settings, self._generate, get_metrics())
 
     async def _generate(self, params: GenerationParams) -> GenerationOutput:
         return await self._generator.generate.remote(params)
 
+    async def _generator_ready(self) -> bool:
+        try:
+            return await asyncio.wait_for(self._generator.ready.remote(), READY_TIMEOUT_S)
+        except Exception:
+            return False
+
     def __serve_build_asgi_app__(self):
         app = create_app(self.settings.max_body_bytes, self.settings.strict_http_status)
         app.state.service = self.service
+        app.state.ready = self._generator_ready
         return app

@@ -1,0 +1,152 @@
+"""Metrics from a real Ray Serve app: a known mix of traffic, then the scrape must say so."""
+
+from __future__ import annotations
+
+import glob
+import json
+import time
+from collections import defaultdict
+from decimal import Decimal
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.config import DEMO_API_KEY
+from service.store.db import make_engine, make_sessionmaker
+from service.store.keys import KeyStore
+from service.store.ledger import Ledger
+from tests.conftest import free_port, running_app
+
+pytestmark = pytest.mark.slow
+
+SMALL = {"width": 128, "height": 128, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("metrics")
+    port = free_port()
+    with running_app(tmp, tiny_model_dir, metrics_port=port) as (base_url, settings):
+        sessions = make_sessionmaker(make_engine(settings["database_url"]))
+        yield base_url, f"http://127.0.0.1:{port}/metrics", sessions
+
+
+def scrape(url: str) -> dict[str, list]:
+    """Samples by name, each as (labels, value)."""
+    samples = defaultdict(list)
+    for family in text_string_to_metric_families(requests.get(url, timeout=10).text):
+        for sample in family.samples:
+            samples[sample.name].append((sample.labels, sample.value))
+    return samples
+
+
+def total(samples, name, **labels) -> float:
+    return sum(
+        value
+        for sample_labels, value in samples.get(name, [])
+        if all(sample_labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def post(base_url, path="/api/v6/images/text2img", **body):
+    return requests.post(base_url + path, json=body, timeout=120)
+
+
+def test_a_known_mix_shows_up_in_the_scrape(app):
+    base_url, metrics_url, sessions = app
+    free_key, _ = KeyStore(sessions).create("free-metrics", "free")
+
+    sync = [
+        post(base_url, key=DEMO_API_KEY, prompt="a", samples=n, **SMALL).json() for n in (1, 2, 1)
+    ]
+    assert [b["status"] for b in sync] == ["success"] * 3
+
+    bad = [
+        post(base_url, key=DEMO_API_KEY, prompt="a", width=100),
+        post(base_url, key=DEMO_API_KEY, prompt="a", scheduler="Nope"),
+        requests.post(base_url + "/api/v6/images/text2img", data="{oops", timeout=30),
+        post(base_url, key="not-a-key", prompt="a"),
+    ]
+    assert [r.json()["status"] for r in bad] == ["error"] * 4
+
+    # five slow jobs fill the free plan's five slots; the sixth request is refused
+    slow = {"width": 256, "height": 256, "num_inference_steps": 4, "samples": 4}
+    accepted = [
+        post(base_url, key=free_key, prompt="b", instant_response="yes", **slow).json()
+        for _ in range(5)
+    ]
+    refused = post(base_url, key=free_key, prompt="b", instant_response="yes", **slow)
+    assert [b["status"] for b in accepted] == ["processing"] * 5
+    assert refused.status_code == 429
+
+    for body in accepted:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            fetched = requests.post(body["fetch_result"], json={"key": free_key}, timeout=30)
+            if fetched.json()["status"] != "processing":
+                break
+            time.sleep(0.3)
+        assert fetched.json()["status"] == "success"
+
+    # Ray exports every 0.5 s here; wait until the last job's numbers are in
+    deadline = time.monotonic() + 30
+    while True:
+        samples = scrape(metrics_url)
+        if total(samples, "ray_sdserve_job_duration_seconds_count") >= 8:
+            break
+        assert time.monotonic() < deadline, "metrics never caught up"
+        time.sleep(0.5)
+
+    requests_total = "ray_sdserve_requests_total"
+    assert total(samples, requests_total, status="success") == 3
+    assert total(samples, requests_total, status="processing") == 5
+    assert total(samples, requests_total, status="error") == 4
+    assert total(samples, requests_total, status="rate_limited") == 1
+    errors = "ray_sdserve_errors_total"
+    assert total(samples, errors, type="validation") == 3
+    assert total(samples, errors, type="auth") == 1
+    assert total(samples, errors, type="rate_limit") == 1
+    assert total(samples, "ray_sdserve_rate_limited_total", plan="free") == 1
+
+    assert total(samples, "ray_sdserve_images_generated_total") == 4 + 20
+    assert total(samples, "ray_sdserve_job_duration_seconds_count", status="success") == 8
+    for stage in ("validation", "queue", "inference", "storage"):
+        count = total(samples, "ray_sdserve_stage_duration_seconds_count", stage=stage)
+        assert count > 0, stage
+    assert total(samples, "ray_sdserve_batch_size_count") > 0
+    assert total(samples, "ray_sdserve_gpu_seconds_total") > 0
+    assert total(samples, "ray_sdserve_cost_to_serve_usd_total") > 0
+    assert total(samples, "ray_sdserve_model_warmup_seconds", model="stable-diffu") > 0
+    assert "ray_sdserve_generator_queue_depth" in samples
+    assert "ray_sdserve_inflight_jobs" in samples
+
+    billed = Decimal(str(total(samples, "ray_sdserve_price_billed_usd_total")))
+    ledger_total = sum(row.amount_usd for row in Ledger(sessions).usage())
+    assert ledger_total == Decimal("0.0188")  # 4 pay-per-use images at 0.0047
+    assert billed.quantize(Decimal("0.000001")) == ledger_total
+    assert total(samples, "ray_sdserve_price_billed_usd_total", plan="free") == 0
+
+
+def test_readyz_and_healthz(app):
+    base_url, _, _ = app
+    assert requests.get(base_url + "/healthz", timeout=10).json() == {"status": "ok"}
+    assert requests.get(base_url + "/readyz", timeout=10).json() == {"status": "ok"}
+
+
+def test_logs_are_json_with_the_request_id_of_the_response(app):
+    import ray
+
+    base_url, _, _ = app
+    body = post(base_url, key=DEMO_API_KEY, prompt="log me", **SMALL).json()
+    request_id = body["meta"]["request_id"]
+    logs_dir = ray._private.worker._global_node.get_logs_dir_path()
+    deadline = time.monotonic() + 10
+    found = []
+    while not found and time.monotonic() < deadline:
+        for path in glob.glob(f"{logs_dir}/serve/replica_sdserve_Ingress_*.log"):
+            with open(path, encoding="utf-8") as log_file:
+                found += [json.loads(line) for line in log_file if request_id in line]
+        time.sleep(0.2)
+    assert found, "no log line carries the response's request_id"
+    assert all(entry["request_id"] == request_id for entry in found)
