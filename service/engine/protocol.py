@@ -7,6 +7,7 @@ crosses the Ray object store, with no torch or diffusers inside.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -56,3 +57,16 @@ class GenerationOutput:
     batch_size: int = 1  # images in the pipeline call this request was part of
     inference_seconds: float = 0.0  # wall time of that pipeline call
     extra: dict = field(default_factory=dict)
+
+
+class TextToImageEngine(Protocol):
+    """What the generator deployment needs of an engine (`AppConfig.engine` names the class).
+
+    Constructed as `cls(models, device=..., dtype=...)` with `models` mapping ids to folders.
+    """
+
+    def load(self, model_id: str) -> object: ...
+
+    def warmup(self, model_id: str) -> None: ...
+
+    def generate(self, batch: list[GenerationParams]) -> list[GenerationOutput]: ...

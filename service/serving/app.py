@@ -19,6 +19,11 @@ class AppConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    engine: str = Field(
+        "service.engine.pipeline:Engine",
+        description="Engine class as module:Name; service.engine.blank:BlankEngine draws "
+        "nothing (to measure the serving path alone).",
+    )
     max_batch_size: int = Field(8, ge=1, description="Requests per @serve.batch call.")
     max_batch_images: int = Field(16, ge=1, description="Images per pipeline call.")
     batch_wait_timeout_s: float = Field(
@@ -88,7 +93,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     )
     return ingress.bind(
         generator.bind(
-            settings, config.max_batch_size, config.batch_wait_timeout_s, config.max_batch_images
+            settings,
+            config.max_batch_size,
+            config.batch_wait_timeout_s,
+            config.max_batch_images,
+            config.engine,
         ),
         settings,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
 from collections import defaultdict
@@ -10,7 +11,7 @@ from collections import defaultdict
 from ray import serve
 
 from service.config import Settings
-from service.engine.protocol import GenerationOutput, GenerationParams
+from service.engine.protocol import GenerationOutput, GenerationParams, TextToImageEngine
 from service.metrics import get_metrics, resolution_bucket
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,12 @@ def resolve_dtype(setting: str, device: str):
     if setting == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
     return getattr(torch, setting)
+
+
+def import_object(path: str):
+    """`package.module:Name` -> the object."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def split_by_images(batch: list[int], samples: list[int], max_images: int) -> list[list[int]]:
@@ -58,14 +65,14 @@ class Generator:
         max_batch_size: int,
         batch_wait_timeout_s: float,
         max_batch_images: int,
+        engine: str = "service.engine.pipeline:Engine",
     ):
-        from service.engine.pipeline import Engine
-
+        engine_class = import_object(engine)
         device = resolve_device(settings.device)
         self.device = device
         self.settings = settings
         self.metrics = get_metrics()
-        self.engine = Engine(
+        self.engine: TextToImageEngine = engine_class(
             settings.model_paths(), device=device, dtype=resolve_dtype(settings.dtype, device)
         )
         for model_id in settings.model_paths():
