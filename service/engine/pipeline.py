@@ -13,10 +13,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are always local files
 
+import contextlib
+import gc
 import inspect
 import json
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,14 @@ from service.engine.protocol import GenerationOutput, GenerationParams
 from service.engine.schedulers import build_scheduler, validate_scheduler_options
 
 CLIP_MAX_TOKENS = 77  # CLIP's context, BOS and EOS included
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder is missing, incomplete or corrupt."""
+
+
+class LoraError(ValueError):
+    """A LoRA is unknown or does not fit the model it was asked for."""
 
 
 class EncodedPrompt(NamedTuple):
@@ -83,18 +94,24 @@ class Engine:
         *,
         generator_device: str = "cpu",
         vae_batch_size: int = 1,
+        loras: Mapping[str, str | Path] | None = None,
+        max_loaded_models: int | None = None,
     ) -> None:
         """`models` maps model ids to diffusers folders; nothing is loaded until first use.
 
         Generators live on `generator_device` (CPU by default), so a seed gives the same initial
         noise on any hardware. `vae_batch_size` bounds how many images one VAE decode takes.
+        `loras` maps LoRA ids to safetensors files; `max_loaded_models` bounds the pipelines
+        held at once (least recently used ones are unloaded first).
         """
         self.model_paths = {model_id: Path(path) for model_id, path in models.items()}
+        self.lora_paths = {lora_id: Path(path) for lora_id, path in (loras or {}).items()}
+        self.max_loaded_models = max_loaded_models
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.generator_device = torch.device(generator_device)
         self.vae_batch_size = vae_batch_size
-        self._pipes: dict[str, StableDiffusionPipeline] = {}
+        self._pipes: OrderedDict[str, StableDiffusionPipeline] = OrderedDict()
         self._load_lock = threading.Lock()
 
     def model_ids(self) -> list[str]:
@@ -102,19 +119,86 @@ class Engine:
         return list(self.model_paths)
 
     def load(self, model_id: str) -> StableDiffusionPipeline:
-        """Load a model (once) the same way for real weights and the tiny test model."""
-        if model_id in self._pipes:
-            return self._pipes[model_id]
+        """Load a model (once) the same way for real weights and the tiny test model; the
+        least recently used pipeline is unloaded first when `max_loaded_models` is reached."""
         with self._load_lock:
-            if model_id not in self._pipes:
+            if model_id in self._pipes:
+                self._pipes.move_to_end(model_id)
+                return self._pipes[model_id]
+            path = self._path(model_id)
+            if self.max_loaded_models:
+                while len(self._pipes) >= self.max_loaded_models:
+                    self._unload_locked(next(iter(self._pipes)))
+            try:
                 # `dtype`: diffusers 0.42 deprecates `torch_dtype`.
                 pipe = StableDiffusionPipeline.from_pretrained(
-                    self._path(model_id), local_files_only=True, dtype=self.dtype
+                    path, local_files_only=True, dtype=self.dtype
                 )
-                pipe.to(self.device)
-                pipe.set_progress_bar_config(disable=True)
-                self._pipes[model_id] = pipe
-        return self._pipes[model_id]
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"model_id {model_id!r} could not be loaded from {path}: "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                ) from exc
+            pipe.to(self.device)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipes[model_id] = pipe
+            return pipe
+
+    def loaded_models(self) -> list[str]:
+        """Loaded model ids, least recently used first."""
+        return list(self._pipes)
+
+    def unload(self, model_id: str) -> bool:
+        """Drop a pipeline and give its memory back; False if it was not loaded."""
+        with self._load_lock:
+            return self._unload_locked(model_id)
+
+    def _unload_locked(self, model_id: str) -> bool:
+        pipe = self._pipes.pop(model_id, None)
+        if pipe is None:
+            return False
+        del pipe
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
+
+    def activate_loras(
+        self, pipe: StableDiffusionPipeline, loras: tuple[tuple[str, float], ...]
+    ) -> None:
+        """Make exactly `loras` (at their strengths) active on `pipe`, and nothing else.
+
+        Adapters stay loaded once used; a batch without LoRAs disables them all, so no
+        adapter leaks from one batch into the next.
+        """
+        loaded = {name for names in pipe.get_list_adapters().values() for name in names}
+        for lora_id, _ in loras:
+            if lora_id in loaded:
+                continue
+            path = self.lora_paths.get(lora_id)
+            if path is None:
+                raise LoraError(
+                    f"lora_model {lora_id!r} is not available; "
+                    f"available: {', '.join(sorted(self.lora_paths)) or 'none'}"
+                )
+            try:
+                pipe.load_lora_weights(
+                    str(path.parent), weight_name=path.name, adapter_name=lora_id
+                )
+            except Exception as exc:
+                # A failed load can leave a half-registered adapter behind: remove it.
+                with contextlib.suppress(Exception):
+                    pipe.delete_adapters(lora_id)
+                raise LoraError(
+                    f"lora_model {lora_id!r} does not fit this model: "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                ) from exc
+            loaded.add(lora_id)
+        if loras:
+            pipe.enable_lora()
+            pipe.set_adapters([lora_id for lora_id, _ in loras], [w for _, w in loras])
+        elif loaded:
+            pipe.disable_lora()
 
     def default_size(self, model_id: str) -> tuple[int, int]:
         """(width, height) the model was trained at: UNet sample size × VAE scale factor."""
@@ -156,6 +240,7 @@ class Engine:
             first.num_inference_steps,
         )
         pipe = self.load(first.model_id)
+        self.activate_loras(pipe, tuple(tuple(lora) for lora in first.loras))
         start = time.perf_counter()
         with torch.inference_mode():
             states = self.start_requests(pipe, batch)

@@ -33,6 +33,8 @@ class GenerationParams:
     use_karras_sigmas: bool = True
     algorithm_type: str | None = None
     clip_skip: int = 1
+    # LoRA adapters as (lora_id, strength) pairs, in request order
+    loras: tuple[tuple[str, float], ...] = ()
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call (same latents shape, timesteps)."""
@@ -44,6 +46,7 @@ class GenerationParams:
             self.scheduler,
             self.use_karras_sigmas,
             self.algorithm_type,
+            self.loras,  # adapters change the UNet: different sets never share a call
         )
 
 

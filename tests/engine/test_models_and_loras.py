@@ -1,0 +1,135 @@
+"""Several models and LoRA adapters on one engine: right weights for every request, nothing
+leaking from one batch into the next, bounded pipelines held at once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from service.engine.pipeline import Engine, LoraError, ModelLoadError
+from service.engine.protocol import GenerationParams
+from service.engine.tiny_model import build_tiny_model
+
+
+def write_tiny_lora(model_dir, out_file, seed: int, rank: int = 4):
+    """A LoRA for the tiny UNet with random (non-zero) weights, in the diffusers layout."""
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        init_lora_weights=False,
+    )
+    pipe.unet.add_adapter(config)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        str(out_file.parent),
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        weight_name=out_file.name,
+    )
+    return out_file
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multi")
+    model_a = build_tiny_model(root / "model-a", seed=0)
+    model_b = build_tiny_model(root / "model-b", seed=1)
+    style = write_tiny_lora(model_a, root / "loras" / "style.safetensors", seed=3)
+    detail = write_tiny_lora(model_a, root / "loras" / "detail.safetensors", seed=4)
+    # a LoRA whose shapes fit no tiny model: every lora_A gets twice the input features
+    misfit = root / "loras" / "misfit.safetensors"
+    tensors = load_file(style)
+    save_file(
+        {k: torch.cat([v, v], dim=-1) if "lora_A" in k else v for k, v in tensors.items()},
+        misfit,
+    )
+    broken = root / "broken"
+    build_tiny_model(broken, seed=2)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return {
+        "models": {"a": model_a, "b": model_b, "broken": broken},
+        "loras": {"style": style, "detail": detail, "misfit": misfit},
+    }
+
+
+def request(model="a", loras=(), seed=42, **fields) -> GenerationParams:
+    base = dict(
+        prompt="a red house",
+        model_id=model,
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        seed=seed,
+        loras=tuple(loras),
+    )
+    return GenerationParams(**{**base, **fields})
+
+
+def image(engine: Engine, params: GenerationParams) -> np.ndarray:
+    return engine.generate([params])[0].images[0]
+
+
+@pytest.fixture(scope="module")
+def engine(assets):
+    return Engine(assets["models"], loras=assets["loras"])
+
+
+def test_two_models_give_different_images(engine):
+    assert not np.array_equal(image(engine, request("a")), image(engine, request("b")))
+    assert np.array_equal(image(engine, request("a")), image(engine, request("a")))
+
+
+def test_lora_changes_the_image_and_strength_zero_is_the_base(engine):
+    base = image(engine, request())
+    styled = image(engine, request(loras=[("style", 1.0)]))
+    half = image(engine, request(loras=[("style", 0.5)]))
+    zero = image(engine, request(loras=[("style", 0.0)]))
+    assert not np.array_equal(base, styled)
+    assert not np.array_equal(styled, half)
+    assert np.array_equal(zero, base)
+    # no adapter leaks into the next request without LoRAs
+    assert np.array_equal(image(engine, request()), base)
+
+
+def test_several_loras_in_one_request(engine):
+    one = image(engine, request(loras=[("style", 1.0)]))
+    both = image(engine, request(loras=[("style", 1.0), ("detail", 0.7)]))
+    assert not np.array_equal(one, both)
+    assert np.array_equal(image(engine, request(loras=[("style", 1.0)])), one)
+
+
+def test_requests_with_different_lora_sets_never_share_a_call(engine):
+    with pytest.raises(ValueError):
+        engine.generate([request(), request(loras=[("style", 1.0)])])
+
+
+def test_unknown_and_misfit_loras_are_clear_errors_and_leave_the_model_clean(engine):
+    base = image(engine, request())
+    with pytest.raises(LoraError, match="lora_model 'nope' is not available"):
+        image(engine, request(loras=[("nope", 1.0)]))
+    with pytest.raises(LoraError, match="lora_model 'misfit' does not fit this model"):
+        image(engine, request(loras=[("misfit", 1.0)]))
+    assert np.array_equal(image(engine, request()), base)
+    assert not np.array_equal(image(engine, request(loras=[("style", 1.0)])), base)
+
+
+def test_corrupt_model_is_a_clear_error_and_others_keep_working(engine):
+    with pytest.raises(ModelLoadError, match="model_id 'broken' could not be loaded"):
+        image(engine, request("broken"))
+    assert image(engine, request("a")).shape == (64, 64, 3)
+
+
+def test_an_lru_of_one_alternates_two_models_correctly(assets, engine):
+    reference = {m: image(engine, request(m)) for m in ("a", "b")}
+    small = Engine(assets["models"], max_loaded_models=1)
+    for model in ("a", "b", "a", "b"):
+        assert np.array_equal(image(small, request(model)), reference[model])
+        assert small.loaded_models() == [model]
+    assert small.unload("b") and small.loaded_models() == []
