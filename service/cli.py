@@ -98,7 +98,9 @@ def _serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app_args, http_options = load_serve_config(args.config)
     overrides = dict(app_args.get("settings") or {})
-    overrides.setdefault("public_base_url", f"http://{args.host}:{args.port}")
+    if "public_base_url" not in load_settings(**overrides).model_fields_set:
+        # Neither SDSERVE_PUBLIC_BASE_URL nor the Serve config says: use where we listen.
+        overrides["public_base_url"] = f"http://{args.host}:{args.port}"
     app_args = {**app_args, "settings": overrides}
     _ensure_models(overrides)
     settings = load_settings(**overrides)

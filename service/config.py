@@ -10,11 +10,25 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_ID = "stable-diffu"
 DEMO_API_KEY = "sdserve-demo-key"
+
+
+class ModelSpec(BaseModel):
+    """One served model: its diffusers folder and per-model defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="diffusers model folder (model_index.json, unet/, vae/, ...).")
+    price_per_image_usd: Decimal | None = Field(
+        None, description="Overrides prices_usd and the default price."
+    )
+    default_steps: int | None = Field(None, ge=1, description="num_inference_steps default.")
+    width: int | None = Field(None, description="Default width; else the model's native size.")
+    height: int | None = Field(None, description="Default height; else the model's native size.")
 
 
 class Settings(BaseSettings):
@@ -23,9 +37,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SDSERVE_", extra="forbid")
 
     # models
-    models: dict[str, str] = Field(
+    models: dict[str, str | ModelSpec] = Field(
         default_factory=lambda: {DEFAULT_MODEL_ID: "models/tiny-sd2"},
-        description="model_id -> diffusers model folder (JSON in SDSERVE_MODELS).",
+        description="model_id -> diffusers folder, or a ModelSpec object (JSON in SDSERVE_MODELS).",
+    )
+    lora_dir: str | None = Field(
+        None, description="Folder of LoRA adapters: each NAME.safetensors is lora_model NAME."
+    )
+    max_loaded_models: int = Field(
+        3, ge=1, description="Pipelines a generator replica holds at once (LRU beyond that)."
+    )
+    preload_models: list[str] | None = Field(
+        None, description="Models loaded and warmed at replica start; default: the default one."
     )
     default_model_id: str = Field(DEFAULT_MODEL_ID, description="Used when model_id is omitted.")
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu.")
@@ -93,8 +116,27 @@ class Settings(BaseSettings):
         False, description="Answer errors with 4xx codes instead of ModelsLab's HTTP 200."
     )
 
+    def model_specs(self) -> dict[str, ModelSpec]:
+        return {
+            model_id: spec if isinstance(spec, ModelSpec) else ModelSpec(path=spec)
+            for model_id, spec in self.models.items()
+        }
+
     def model_paths(self) -> dict[str, Path]:
-        return {model_id: Path(path) for model_id, path in self.models.items()}
+        return {model_id: Path(spec.path) for model_id, spec in self.model_specs().items()}
+
+    def lora_paths(self) -> dict[str, Path]:
+        """lora_model id -> safetensors file, from the LoRA folder."""
+        if not self.lora_dir or not Path(self.lora_dir).is_dir():
+            return {}
+        return {path.stem: path for path in sorted(Path(self.lora_dir).glob("*.safetensors"))}
+
+    def models_to_preload(self) -> list[str]:
+        return (
+            list(self.preload_models)
+            if self.preload_models is not None
+            else [self.default_model_id]
+        )
 
 
 def load_settings(**overrides) -> Settings:

@@ -72,7 +72,12 @@ class PriceList:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PriceList:
-        return cls(settings.default_price_per_image_usd, settings.prices_usd)
+        own_prices = {
+            model_id: spec.price_per_image_usd
+            for model_id, spec in settings.model_specs().items()
+            if spec.price_per_image_usd is not None
+        }
+        return cls(settings.default_price_per_image_usd, {**settings.prices_usd, **own_prices})
 
     def price_per_image(self, model_id: str) -> Decimal:
         """USD per image of `model_id`."""

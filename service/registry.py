@@ -7,23 +7,34 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.config import Settings
+from service.config import ModelSpec, Settings
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     model_id: str
     path: Path
-    width: int
+    width: int  # default size: the spec's, else the model's native size
     height: int
+    default_steps: int
+    prediction_type: str
 
 
 class ModelRegistry:
+    """Served models and LoRAs, from settings; read by the API, the CLI and the playground."""
+
     def __init__(self, settings: Settings):
         self._models = {
-            model_id: _read_model_info(model_id, path)
-            for model_id, path in settings.model_paths().items()
+            model_id: _read_model_info(model_id, spec)
+            for model_id, spec in settings.model_specs().items()
         }
+        self._loras = settings.lora_paths()
+
+    def lora_ids(self) -> list[str]:
+        return sorted(self._loras)
+
+    def infos(self) -> dict[str, ModelInfo]:
+        return dict(self._models)
 
     def ids(self) -> list[str]:
         return sorted(self._models)
@@ -38,8 +49,9 @@ class ModelRegistry:
         return {m.model_id: m.path for m in self._models.values()}
 
 
-def _read_model_info(model_id: str, path: Path) -> ModelInfo:
+def _read_model_info(model_id: str, spec: ModelSpec) -> ModelInfo:
     """Native size = UNet sample size x VAE scale factor (96 x 8 = 768 for SD 2.0 768-v)."""
+    path = Path(spec.path)
     try:
         unet = json.loads((path / "unet" / "config.json").read_text())
         vae = json.loads((path / "vae" / "config.json").read_text())
@@ -47,7 +59,16 @@ def _read_model_info(model_id: str, path: Path) -> ModelInfo:
         raise ValueError(
             f"model '{model_id}': {path} is not a diffusers model folder ({exc.filename} missing)"
         ) from None
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.exists() else {}
     scale = 2 ** (len(vae["block_out_channels"]) - 1)
     sample = unet["sample_size"]
     height, width = (sample, sample) if isinstance(sample, int) else sample
-    return ModelInfo(model_id, path, width * scale, height * scale)
+    return ModelInfo(
+        model_id=model_id,
+        path=path,
+        width=spec.width or width * scale,
+        height=spec.height or height * scale,
+        default_steps=spec.default_steps or 30,
+        prediction_type=scheduler.get("prediction_type", "epsilon"),
+    )

@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from collections.abc import Collection, Mapping
 from datetime import date
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.config import Settings
+from service.config import DEFAULT_MODEL_ID, Settings
 from service.engine.protocol import GenerationParams
 from service.engine.schedulers import SCHEDULERS, canonical_scheduler_name
+from service.registry import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,15 @@ Text = Annotated[str | None, BeforeValidator(_coerce_text)]
 Seed = Annotated[int | None, BeforeValidator(_coerce_seed)]
 
 
+def _setting_default(name: str) -> Any:
+    """A setting's default, for the static schema (the served document shows live values)."""
+    return Settings.model_fields[name].default
+
+
+_MIN_SIZE, _MAX_SIZE = _setting_default("min_size"), _setting_default("max_size")
+_MAX_STEPS, _MAX_SAMPLES = _setting_default("max_steps"), _setting_default("max_samples")
+
+
 class RequestError(ValueError):
     """A request field broke a rule; the message names the field and the rule."""
 
@@ -145,7 +156,9 @@ class KeyedRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     key: Text = Field(
-        None, description="API key (also accepted as `Authorization: Bearer` or `key:` header)."
+        None,
+        description="API key. Also accepted as an `Authorization: Bearer` or a `key:` header.",
+        json_schema_extra={"examples": ["YOUR_API_KEY"]},
     )
 
     def ignored_fields(self) -> list[str]:
@@ -155,33 +168,179 @@ class KeyedRequest(BaseModel):
 class Text2ImgRequest(KeyedRequest):
     """`POST /api/v6/images/text2img` and its v3/v4/v7 twins."""
 
-    model_id: Text = Field(None, description="A served model; default `stable-diffu`.")
-    prompt: Text = Field(None, description="What to draw; truncated to 77 CLIP tokens.")
-    negative_prompt: Text = Field(None, description="What not to draw.")
-    width: Int = Field(None, description="Multiple of 8; default: the model's native size.")
-    height: Int = Field(None, description="Multiple of 8; default: the model's native size.")
-    samples: Int = Field(None, description="Images to generate, 1-4 (default 1).")
-    num_inference_steps: Int = Field(None, description="Denoising steps, 1-50 (default 30).")
-    guidance_scale: Float = Field(None, description="Classifier-free guidance, 1-20 (default 7.5).")
-    seed: Seed = Field(None, description='null, -1, "" or 0 for random; image i uses seed+i.')
-    scheduler: Text = Field(None, description="A diffusers scheduler class name.")
-    use_karras_sigmas: Toggle = Field(None, description='"yes"/"no" (default "yes").')
-    algorithm_type: Text = Field(None, description='"dpmsolver+++" with DPMSolverMultistep.')
-    clip_skip: Int = Field(None, description="CLIP layers to skip from the end, 1-8 (default 1).")
-    lora_model: Text = Field(None, description="Comma-separated LoRA ids.")
-    lora_strength: Text = Field(None, description="Comma-separated strengths, 0.1-1 each.")
-    safety_checker: Toggle = Field(None, description="Needs a configured checker model.")
-    safety_checker_type: Text = Field(
-        None, description="blur, pixelate, black, sensitive_content_text."
+    model_id: Text = Field(
+        None,
+        description="A served model (`POST /api/v4/dreambooth/model_list` lists them); omitted: "
+        "the server's default model. The v3 route always uses the default model.",
+        json_schema_extra={"default": DEFAULT_MODEL_ID, "examples": [DEFAULT_MODEL_ID]},
     )
-    base64: Toggle = Field(None, description='"yes": output URLs serve the base64 text of the PNG.')
-    temp: Toggle = Field(None, description='"yes": output links expire after 24 hours.')
-    webhook: Text = Field(None, description="URL that receives a POST when the job ends.")
-    track_id: Text = Field(None, description="Echoed in responses and webhooks.")
-    instant_response: Toggle = Field(None, description='"yes": answer `processing` at once.')
+    prompt: Text = Field(
+        None,
+        description="Required, non-empty: what to draw. Truncated to the text encoder's 77 CLIP "
+        "tokens (`meta.prompt_truncated` says so).",
+        json_schema_extra={"minLength": 1, "examples": ["a lighthouse at dusk, oil painting"]},
+    )
+    negative_prompt: Text = Field(
+        None,
+        description="What not to draw.",
+        json_schema_extra={"default": "", "examples": ["blurry, low quality"]},
+    )
+    width: Int = Field(
+        None,
+        description="Image width in pixels: a multiple of 8 between `minimum` and `maximum` "
+        f"(SDSERVE_MIN_SIZE and SDSERVE_MAX_SIZE, {_MIN_SIZE} and {_MAX_SIZE} by default). "
+        "Omitted: the model's default width, its native one (768 for SD 2.0 768-v) unless "
+        "SDSERVE_MODELS sets another.",
+        json_schema_extra={
+            "minimum": _MIN_SIZE,
+            "maximum": _MAX_SIZE,
+            "multipleOf": 8,
+            "examples": [768],
+        },
+    )
+    height: Int = Field(
+        None,
+        description="Image height in pixels: a multiple of 8 between `minimum` and `maximum` "
+        f"(SDSERVE_MIN_SIZE and SDSERVE_MAX_SIZE, {_MIN_SIZE} and {_MAX_SIZE} by default). "
+        "Omitted: the model's default height, its native one (768 for SD 2.0 768-v) unless "
+        "SDSERVE_MODELS sets another.",
+        json_schema_extra={
+            "minimum": _MIN_SIZE,
+            "maximum": _MAX_SIZE,
+            "multipleOf": 8,
+            "examples": [768],
+        },
+    )
+    samples: Int = Field(
+        None,
+        description="Images to generate, 1 to `maximum` (SDSERVE_MAX_SAMPLES, "
+        f"{_MAX_SAMPLES} by default); image i uses seed + i. Each counts against the key's plan.",
+        json_schema_extra={"default": 1, "minimum": 1, "maximum": _MAX_SAMPLES},
+    )
+    num_inference_steps: Int = Field(
+        None,
+        description="Denoising steps, 1 to `maximum` (SDSERVE_MAX_STEPS, "
+        f"{_MAX_STEPS} by default). Omitted: the model's `default_steps` (30 unless "
+        "SDSERVE_MODELS sets another).",
+        json_schema_extra={"default": 30, "minimum": 1, "maximum": _MAX_STEPS},
+    )
+    guidance_scale: Float = Field(
+        None,
+        description="Classifier-free guidance: how closely the image follows the prompt, 1-20.",
+        json_schema_extra={"default": 7.5, "minimum": 1, "maximum": 20},
+    )
+    seed: Seed = Field(
+        None,
+        description=f'Seed, 1 to {MAX_SEED}; null, -1, "" or 0 pick a random one. The seed '
+        "used is in `meta.seed`; image i uses seed + i, so a seed repeats its images.",
+        json_schema_extra={"maximum": MAX_SEED, "examples": [12345]},
+    )
+    scheduler: Text = Field(
+        None,
+        description="A diffusers scheduler class name (the `Scheduler` suffix and letter case "
+        f"are optional): {', '.join(SCHEDULERS)}.",
+        json_schema_extra={
+            "default": "UniPCMultistepScheduler",
+            # the default first: Swagger UI's "try it out" uses the first example
+            "examples": sorted(SCHEDULERS, key=lambda name: name != "UniPCMultistepScheduler"),
+        },
+    )
+    use_karras_sigmas: Toggle = Field(
+        None,
+        description='Karras sigmas where the scheduler supports them: "yes"/"no", true/false '
+        'or "1"/"0".',
+        json_schema_extra={"default": True},
+    )
+    algorithm_type: Text = Field(
+        None,
+        description='"none", or "dpmsolver+++" (SDE DPM++ 2M) with DPMSolverMultistepScheduler; '
+        "the diffusers names dpmsolver++, sde-dpmsolver++, dpmsolver and sde-dpmsolver too.",
+        json_schema_extra={"default": "none", "examples": ["none", "dpmsolver+++"]},
+    )
+    clip_skip: Int = Field(
+        None,
+        description="CLIP text-encoder layers to skip from the end, 1-8 (at most the encoder's "
+        "depth).",
+        json_schema_extra={"default": 1, "minimum": 1, "maximum": 8},
+    )
+    lora_model: Text = Field(
+        None,
+        description="Comma-separated LoRA ids, from the server's LoRA folder (SDSERVE_LORA_DIR; "
+        "`model_list` lists them). Omitted: no LoRA.",
+        json_schema_extra={"examples": [None]},
+    )
+    lora_strength: Text = Field(
+        None,
+        description="One strength for every LoRA, or one per `lora_model` id, each 0.1-1.",
+        json_schema_extra={"examples": [None]},
+    )
+    safety_checker: Toggle = Field(
+        None,
+        description='"yes" needs a configured checker model; none is, so the request is served '
+        "and `meta.not_applied` says the check did not run.",
+        json_schema_extra={"default": False},
+    )
+    safety_checker_type: Text = Field(
+        None,
+        description="blur, pixelate, black or sensitive_content_text (needs a checker).",
+        json_schema_extra={"examples": ["sensitive_content_text"]},
+    )
+    base64: Toggle = Field(
+        None,
+        description='"yes": output URLs end in `.base64` and serve the PNG as base64 text.',
+        json_schema_extra={"default": False},
+    )
+    temp: Toggle = Field(
+        None,
+        description='"yes": output links expire after 24 hours.',
+        json_schema_extra={"default": False},
+    )
+    webhook: Text = Field(
+        None,
+        description="http(s) URL that receives a POST of the fetch body (plus `track_id`) when "
+        "the job ends; retried with backoff, `webhook_status` says how it went.",
+        json_schema_extra={"examples": [None]},
+    )
+    track_id: Text = Field(
+        None,
+        description="Any id of yours, echoed in the webhook body.",
+        json_schema_extra={"examples": [None]},
+    )
+    instant_response: Toggle = Field(
+        None,
+        description='"yes": answer `processing` at once, with `future_links` and `fetch_result`; '
+        "otherwise wait for the images up to SDSERVE_SYNC_WINDOW_S (60 s by default).",
+        json_schema_extra={"default": False},
+    )
+
+    def _loras(self, available: Collection[str], problems: list[str]) -> tuple:
+        """(lora_id, strength) pairs from the comma-separated `lora_model` and `lora_strength`;
+        one strength applies to every LoRA, none means 1.0."""
+        ids = [part.strip() for part in (self.lora_model or "").split(",") if part.strip()]
+        if not ids:
+            return ()
+        unknown = [lora_id for lora_id in ids if lora_id not in available]
+        if unknown:
+            names = ", ".join(sorted(available)) or "none"
+            problems.append(f"lora_model '{unknown[0]}' is not available; available LoRAs: {names}")
+        if len(set(ids)) != len(ids):
+            problems.append("lora_model must not name the same LoRA twice")
+        strengths = _parse_strengths(self.lora_strength)
+        if strengths is not None and not strengths:
+            strengths = [1.0]
+        if strengths is None or len(strengths) not in (1, len(ids)):
+            problems.append(
+                "lora_strength must be one number, or one per lora_model, each between 0.1 and 1"
+            )
+            return ()
+        if any(not 0.1 <= value <= 1 for value in strengths):
+            problems.append("lora_strength must be between 0.1 and 1 for each LoRA")
+        if len(strengths) == 1:
+            strengths = strengths * len(ids)
+        return tuple(zip(ids, strengths, strict=True))
 
     def to_params(
-        self, settings: Settings, model_sizes: dict[str, tuple[int, int]]
+        self, settings: Settings, models: Mapping[str, ModelInfo], loras: Collection[str] = ()
     ) -> tuple[GenerationParams, dict]:
         """Check every rule and resolve defaults; returns the engine params and the options
         that stay with the ingress (base64, temp, webhook, track_id, not-applied fields)."""
@@ -195,14 +354,15 @@ class Text2ImgRequest(KeyedRequest):
             return value
 
         model_id = (self.model_id or "").strip() or settings.default_model_id
-        if model_id not in model_sizes:
-            available = ", ".join(sorted(model_sizes))
+        model = models.get(model_id)
+        if model is None:
+            available = ", ".join(sorted(models))
             problems.append(
                 f"model_id '{model_id}' is not available; available models: {available}"
             )
-            default_w, default_h = 512, 512
+            default_w, default_h, default_steps = 512, 512, 30
         else:
-            default_w, default_h = model_sizes[model_id]
+            default_w, default_h, default_steps = model.width, model.height, model.default_steps
 
         prompt = (self.prompt or "").strip()
         if not prompt:
@@ -222,7 +382,9 @@ class Text2ImgRequest(KeyedRequest):
             sizes[name] = size
 
         samples = bounded("samples", self.samples, 1, 1, settings.max_samples)
-        steps = bounded("num_inference_steps", self.num_inference_steps, 30, 1, settings.max_steps)
+        steps = bounded(
+            "num_inference_steps", self.num_inference_steps, default_steps, 1, settings.max_steps
+        )
         clip_skip = bounded("clip_skip", self.clip_skip, 1, 1, 8)
 
         guidance = 7.5 if self.guidance_scale is None else self.guidance_scale
@@ -242,10 +404,7 @@ class Text2ImgRequest(KeyedRequest):
         if algorithm_type and algorithm_type not in ALGORITHM_TYPES:
             problems.append(f"algorithm_type must be one of: none, {', '.join(ALGORITHM_TYPES)}")
 
-        if self.lora_model and self.lora_model.strip():
-            problems.append(
-                f"lora_model '{self.lora_model.strip()}' is not available; this server has no LoRAs"
-            )
+        lora_pairs = self._loras(loras, problems)
 
         webhook = (self.webhook or "").strip() or None
         if webhook and not webhook.startswith(("http://", "https://")):
@@ -268,6 +427,7 @@ class Text2ImgRequest(KeyedRequest):
             use_karras_sigmas=True if self.use_karras_sigmas is None else self.use_karras_sigmas,
             algorithm_type=algorithm_type,
             clip_skip=clip_skip,
+            loras=lora_pairs,
         )
         not_applied = [
             name for name in NOT_APPLIED_FIELDS if _is_set((self.model_extra or {}).get(name))
@@ -283,6 +443,16 @@ class Text2ImgRequest(KeyedRequest):
             "not_applied": not_applied,
         }
         return params, options
+
+
+def _parse_strengths(text: str | None) -> list[float] | None:
+    if text is None or not text.strip():
+        return []
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        return None
+    return values if all(math.isfinite(v) for v in values) else None
 
 
 ALGORITHM_TYPES = ("dpmsolver+++", "dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
@@ -312,43 +482,127 @@ class UsageRequest(KeyedRequest):
 # ---- responses --------------------------------------------------------------------------------
 
 
+_EXAMPLE_BASE = "http://127.0.0.1:8000"
+_EXAMPLE_LINK = f"{_EXAMPLE_BASE}/images/6f1c2a9e4b7d4f0e9a1b2c3d4e5f6a7b-0.png"
+_EXAMPLE_META = {
+    "prompt": "a lighthouse at dusk, oil painting",
+    "model_id": "stable-diffu",
+    "negative_prompt": "blurry",
+    "scheduler": "UniPCMultistepScheduler",
+    "W": 768,
+    "H": 768,
+    "width": 768,
+    "height": 768,
+    "guidance_scale": 7.5,
+    "seed": 12345,
+    "steps": 30,
+    "n_samples": 1,
+    "clip_skip": 1,
+    "base64": "no",
+    "track_id": None,
+    "not_applied": [],
+}
+
+# One example body per `status`, shown in the OpenAPI document.
+SUCCESS_EXAMPLE = {
+    "status": "success",
+    "generationTime": 1.84,
+    "id": 42,
+    "output": [_EXAMPLE_LINK],
+    "proxy_links": [_EXAMPLE_LINK],
+    "nsfw_content_detected": False,
+    "webhook_status": "",
+    "tip": "",
+    "meta": _EXAMPLE_META,
+}
+PROCESSING_EXAMPLE = {
+    "status": "processing",
+    "id": 42,
+    "eta": 2.75,
+    "message": "Request is processing; fetch it later",
+    "messege": "Request is processing; fetch it later",
+    "fetch_result": f"{_EXAMPLE_BASE}/api/v6/images/fetch/42",
+    "output": [],
+    "future_links": [_EXAMPLE_LINK],
+    "webhook_status": "",
+    "tip": "",
+    "meta": _EXAMPLE_META,
+}
+FAILED_EXAMPLE = {
+    "status": "failed",
+    "id": 42,
+    "message": "Image generation failed: RuntimeError: CUDA error: out of memory",
+    "messege": "Image generation failed: RuntimeError: CUDA error: out of memory",
+    "output": [],
+    "webhook_status": "",
+    "track_id": None,
+}
+ERROR_EXAMPLE = {
+    "status": "error",
+    "message": "width must be a multiple of 8 between 256 and 1024",
+    "messege": "width must be a multiple of 8 between 256 and 1024",
+}
+
+
 class ErrorResponse(BaseModel):
+    """A request, key, credit or rate-limit error. HTTP 200 like the hosted API (429 for rate
+    limits), or its 4xx code when SDSERVE_STRICT_HTTP_STATUS is set."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [ERROR_EXAMPLE]})
+
     status: Literal["error"] = "error"
-    message: str
+    message: str = Field(description="Names the field and the rule, or the key/credit problem.")
     messege: str = Field(description="The hosted API's spelling; half the clients read this one.")
     retry_after: float | None = Field(None, description="Seconds to wait (rate limits only).")
 
 
 class SuccessResponse(BaseModel):
+    """The job's images exist; each was charged once."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [SUCCESS_EXAMPLE]})
+
     status: Literal["success"] = "success"
-    generationTime: float  # noqa: N815 - wire name
-    id: int
-    output: list[str]
-    proxy_links: list[str]
+    generationTime: float = Field(  # noqa: N815 - wire name
+        description="Seconds from the start of generation to the images being stored."
+    )
+    id: int = Field(description="The job id: `fetch/{id}` reads it again.")
+    output: list[str] = Field(description="One URL per image (`.png`, or `.base64`).")
+    proxy_links: list[str] = Field(description="The same URLs (the hosted API's CDN copies).")
     nsfw_content_detected: bool = False
-    webhook_status: str = ""
+    webhook_status: str = Field("", description='"", "success" or "failed".')
     tip: str = ""
-    meta: dict[str, Any]
+    meta: dict[str, Any] = Field(
+        description="The resolved request: W, H, seed, steps, scheduler, n_samples, model_id, "
+        "prompt_truncated, not_applied, ..."
+    )
 
 
 class ProcessingResponse(BaseModel):
+    """Accepted but not finished: past the sync window, or `instant_response`."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [PROCESSING_EXAMPLE]})
+
     status: Literal["processing"] = "processing"
-    id: int
-    eta: float
+    id: int = Field(description="The job id.")
+    eta: float = Field(description="Rough seconds until the images exist.")
     message: str
     messege: str
-    fetch_result: str
+    fetch_result: str = Field(description="POST here (with the key) until status changes.")
     output: list[str] = []
-    future_links: list[str]
+    future_links: list[str] = Field(description="The final image URLs; 404 until they exist.")
     webhook_status: str = ""
     tip: str = ""
     meta: dict[str, Any]
 
 
 class FailedResponse(BaseModel):
+    """Generation failed; the job was not charged."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [FAILED_EXAMPLE]})
+
     status: Literal["failed"] = "failed"
     id: int
-    message: str
+    message: str = Field(description="Why, without internals.")
     messege: str
     output: list[str] = []
     webhook_status: str = ""

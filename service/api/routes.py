@@ -10,8 +10,13 @@ from typing import Annotated
 from fastapi import APIRouter, Body, FastAPI, Path, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from service.api import docs, enterprise, playground
 from service.api.errors import ErrorKind, install_error_handlers, route_label
 from service.api.protocol import (
+    ERROR_EXAMPLE,
+    FAILED_EXAMPLE,
+    PROCESSING_EXAMPLE,
+    SUCCESS_EXAMPLE,
     ErrorResponse,
     FailedResponse,
     FetchRequest,
@@ -24,13 +29,49 @@ from service.api.protocol import (
 )
 from service.api.text2img import ImageService
 
+# Every /api/ route's 4xx and 413 error envelopes are added by service.api.docs.
 JOB_RESPONSES = {
     200: {
         "description": "success, processing or failed job; errors use the error envelope",
         "model": SuccessResponse | ProcessingResponse | FailedResponse | ErrorResponse,
+        "content": {
+            "application/json": {
+                "examples": {
+                    "success": {"value": SUCCESS_EXAMPLE},
+                    "processing": {"value": PROCESSING_EXAMPLE},
+                    "failed": {"value": FAILED_EXAMPLE},
+                    "error": {"value": ERROR_EXAMPLE},
+                }
+            }
+        },
     },
     429: {"description": "too many requests queued for this key", "model": ErrorResponse},
 }
+
+
+INVALID_KEY_EXAMPLE = {
+    "status": "error",
+    "message": "Invalid API key",
+    "messege": "Invalid API key",
+}
+
+
+def _keyed_responses(example) -> dict:
+    """A keyed call that answers `example`, or the error envelope for a bad key."""
+    return {
+        200: {
+            "description": "the answer; a missing or invalid key gets the error envelope",
+            "content": {
+                "application/json": {
+                    "examples": {
+                        "success": {"value": example},
+                        "error": {"value": INVALID_KEY_EXAMPLE},
+                    }
+                }
+            },
+        },
+    }
+
 
 router = APIRouter()
 
@@ -74,6 +115,7 @@ async def text2img_v7(request: Request, body: Text2ImgBody):
 
 @router.post("/api/v7/images/fetch/{job_id}", responses=JOB_RESPONSES, tags=["v7"])
 async def fetch_v7(request: Request, job_id: JobId, body: FetchBody = None):
+    """A v7 job's current state (the official CLI polls this)."""
     return await _service(request).fetch(body or FetchRequest(), _headers(request), job_id, "v7")
 
 
@@ -86,6 +128,7 @@ async def text2img_v3(request: Request, body: Text2ImgBody):
 
 @router.post("/api/v3/fetch/{job_id}", responses=JOB_RESPONSES, tags=["v3"])
 async def fetch_v3(request: Request, job_id: JobId, body: FetchBody = None):
+    """A v3 job's current state."""
     return await _service(request).fetch(body or FetchRequest(), _headers(request), job_id, "v3")
 
 
@@ -97,15 +140,32 @@ async def text2img_v4(request: Request, body: Text2ImgBody):
 
 @router.post("/api/v4/dreambooth/fetch", responses=JOB_RESPONSES, tags=["v4"])
 async def fetch_v4(request: Request, body: FetchBody = None):
+    """A v4 job's current state: `request_id` in the body."""
     return await _service(request).fetch(body or FetchRequest(), _headers(request), None, "v4")
 
 
 @router.post("/api/v4/dreambooth/fetch/{job_id}", responses=JOB_RESPONSES, tags=["v4"])
 async def fetch_v4_by_path(request: Request, job_id: JobId, body: FetchBody = None):
+    """A v4 job's current state: what its `fetch_result` points to."""
     return await _service(request).fetch(body or FetchRequest(), _headers(request), job_id, "v4")
 
 
-@router.post("/api/v4/dreambooth/model_list", tags=["v4"])
+MODEL_LIST_EXAMPLE = [
+    {
+        "model_id": "stable-diffu",
+        "model_name": "stable-diffu",
+        "status": "model_ready",
+        "model_category": "stable_diffusion",
+        "width": 768,
+        "height": 768,
+        "price_per_image_usd": "0.0047",
+    }
+]
+
+
+@router.post(
+    "/api/v4/dreambooth/model_list", responses=_keyed_responses(MODEL_LIST_EXAMPLE), tags=["v4"]
+)
 async def model_list(request: Request, body: Annotated[KeyedRequest | None, Body()] = None):
     """The models this server serves."""
     service = _service(request)
@@ -119,12 +179,20 @@ async def model_list(request: Request, body: Annotated[KeyedRequest | None, Body
             "width": info.width,
             "height": info.height,
             "price_per_image_usd": str(service.prices.price_per_image(info.model_id)),
+            "default_steps": info.default_steps,
+            "prediction_type": info.prediction_type,
+            "loras": service.registry.lora_ids(),
         }
         for info in map(service.registry.get, service.registry.ids())
     ]
 
 
-@router.post("/api/v3/system_load", response_model=SystemLoadResponse, tags=["v3"])
+@router.post(
+    "/api/v3/system_load",
+    response_model=SystemLoadResponse,
+    responses=_keyed_responses({"queue_num": 2, "queue_time": 3.5, "status": "ok"}),
+    tags=["v3"],
+)
 async def system_load(request: Request, body: Annotated[KeyedRequest | None, Body()] = None):
     """Jobs queued or running and the estimated seconds to clear them."""
     service = _service(request)
@@ -132,7 +200,13 @@ async def system_load(request: Request, body: Annotated[KeyedRequest | None, Bod
     return await service.system_load()
 
 
-@router.post("/api/v6/processing/request_count", tags=["v6"])
+@router.post(
+    "/api/v6/processing/request_count",
+    responses=_keyed_responses(
+        {"status": "success", "processing_count": 1, "message": "1 requests processing"}
+    ),
+    tags=["v6"],
+)
 async def request_count(request: Request, body: Annotated[KeyedRequest | None, Body()] = None):
     """How many of this key's requests are queued or running."""
     service = _service(request)
@@ -157,12 +231,32 @@ async def text2img_enterprise(request: Request, body: Text2ImgBody):
     "/api/v1/enterprise/images/fetch/{job_id}", responses=JOB_RESPONSES, tags=["enterprise"]
 )
 async def fetch_enterprise(request: Request, job_id: JobId, body: FetchBody = None):
+    """An enterprise job's current state; needs an admin key."""
     service = _service(request)
     await service.authenticate_admin(body or FetchRequest(), _headers(request))
     return await service.fetch(body or FetchRequest(), _headers(request), job_id, "enterprise")
 
 
-@router.post("/api/v1/enterprise/usage", tags=["enterprise"])
+USAGE_EXAMPLE = {
+    "status": "success",
+    "usage": [
+        {
+            "key_id": 3,
+            "key": "team-a",
+            "plan": "pay_per_use",
+            "model_id": "stable-diffu",
+            "images": 120,
+            "amount_usd": "0.564",
+        }
+    ],
+    "total_images": 120,
+    "total_amount_usd": "0.564",
+}
+
+
+@router.post(
+    "/api/v1/enterprise/usage", responses=_keyed_responses(USAGE_EXAMPLE), tags=["enterprise"]
+)
 async def usage(request: Request, body: Annotated[UsageRequest | None, Body()] = None):
     """Delivered images and their price per key and model, as `sdserve usage --json`."""
     service = _service(request)
@@ -199,8 +293,8 @@ async def healthz():
 @router.get("/readyz", tags=["ops"])
 async def readyz(request: Request):
     """A generator replica has its models loaded and warmed: traffic can be sent."""
-    ready = getattr(request.app.state, "ready", None)
-    if ready is not None and not await ready():
+    fleet = getattr(request.app.state, "fleet", None)
+    if fleet is not None and not await fleet.ready():
         return JSONResponse({"status": "not_ready"}, status_code=503)
     return {"status": "ok"}
 
@@ -265,10 +359,18 @@ def create_app(max_body_bytes: int, strict_http_status: bool) -> FastAPI:
     """The FastAPI app; `app.state.service` is set by whoever owns the ImageService."""
     app = FastAPI(
         title="sdserve",
-        description="Self-hosted Stable Diffusion 2.0 speaking the ModelsLab API.",
+        description="Self-hosted Stable Diffusion 2.0 speaking the ModelsLab API. Every call is "
+        "a POST with a JSON body carrying `key`; numbers may be strings and toggles "
+        '"yes"/"no". A playground is at `/`, a summary at `/llms.txt`.',
         version="0.1.0",
+        docs_url=None,  # served by service.api.docs without a CDN
+        redoc_url=None,
     )
     app.include_router(router)
+    app.include_router(enterprise.router)
+    app.include_router(playground.router)
+    app.include_router(docs.router)
+    docs.install_api_document(app)
     install_error_handlers(app, strict_http_status)
     app.add_middleware(RequestBodyGate, limit=max_body_bytes)
     return app

@@ -110,7 +110,9 @@ class ImageService:
         if body.ignored_fields():
             log.info("ignored unknown fields: %s", ", ".join(body.ignored_fields()))
         try:
-            params, options = body.to_params(self.settings, self.registry.sizes())
+            params, options = body.to_params(
+                self.settings, self.registry.infos(), self.registry.lora_ids()
+            )
         except RequestError as exc:
             raise ApiError(ErrorKind.VALIDATION, str(exc)) from None
         self.metrics.stage("validation", params.model_id, time.perf_counter() - started)
@@ -158,6 +160,10 @@ class ImageService:
                 await asyncio.wait_for(asyncio.shield(task), self.settings.sync_window_s)
             except TimeoutError:
                 body = self._processing_body(job, family, "Request is processing; fetch it later")
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise  # this request itself was cancelled (client gone)
+                body = await self.job_body(job.id, family)  # cancelled by clear_queue
             except Exception:
                 body = await self.job_body(job.id, family)  # the job row says how it failed
             else:
@@ -187,8 +193,8 @@ class ImageService:
             "n_samples": params.samples,
             "use_karras_sigmas": "yes" if params.use_karras_sigmas else "no",
             "algorithm_type": params.algorithm_type or "none",
-            "lora": None,
-            "lora_strength": None,
+            "lora": ",".join(lora_id for lora_id, _ in params.loras) or None,
+            "lora_strength": ",".join(f"{w:g}" for _, w in params.loras) or None,
             "clip_skip": params.clip_skip,
             "safety_checker": "no",
             "base64": "yes" if options["base64"] else "no",
@@ -347,6 +353,18 @@ class ImageService:
                     await asyncio.sleep(delay)
                     delay *= 2
         await asyncio.to_thread(self.jobs.set_webhook_status, job_id, status)
+
+    async def clear_queue(self) -> dict:
+        """End every job still processing as failed (releasing its charge) and stop this
+        replica's work on them; a job that finishes meanwhile keeps its success."""
+        cancelled = []
+        for job in await asyncio.to_thread(self.jobs.processing):
+            if await asyncio.to_thread(self.jobs.fail, job.id, "Cancelled by clear_queue"):
+                cancelled.append(job.id)
+                task = self._running.get(job.id)
+                if task is not None:
+                    task.cancel()
+        return {"status": "success", "cancelled": len(cancelled), "ids": cancelled}
 
     async def drain(self) -> None:
         """Wait for running jobs and webhook deliveries (tests and graceful shutdown)."""

@@ -16,12 +16,24 @@ from service.engine.protocol import GenerationOutput, GenerationParams
 
 
 class BlankEngine:
-    def __init__(self, models: Mapping[str, str | Path], device: str = "cpu", dtype=None):
+    def __init__(self, models: Mapping[str, str | Path], device: str = "cpu", dtype=None, **_):
         self.model_paths = dict(models)
+        self._loaded: list[str] = []
 
     def load(self, model_id: str) -> None:
         if model_id not in self.model_paths:
             raise KeyError(model_id)
+        if model_id not in self._loaded:
+            self._loaded.append(model_id)
+
+    def loaded_models(self) -> list[str]:
+        return list(self._loaded)
+
+    def unload(self, model_id: str) -> bool:
+        if model_id in self._loaded:
+            self._loaded.remove(model_id)
+            return True
+        return False
 
     def warmup(self, model_id: str) -> None:
         pass

@@ -31,6 +31,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from service.engine.optimize import OptimizationConfig, apply_optimizations, runner_for
 from service.engine.protocol import GenerationOutput, GenerationParams
 from service.engine.schedulers import build_scheduler, validate_scheduler_options
 
@@ -96,13 +97,15 @@ class Engine:
         vae_batch_size: int = 1,
         loras: Mapping[str, str | Path] | None = None,
         max_loaded_models: int | None = None,
+        optimizations: OptimizationConfig | None = None,
     ) -> None:
         """`models` maps model ids to diffusers folders; nothing is loaded until first use.
 
         Generators live on `generator_device` (CPU by default), so a seed gives the same initial
         noise on any hardware. `vae_batch_size` bounds how many images one VAE decode takes.
         `loras` maps LoRA ids to safetensors files; `max_loaded_models` bounds the pipelines
-        held at once (least recently used ones are unloaded first).
+        held at once (least recently used ones are unloaded first). `optimizations` switches the
+        optimized path (service/engine/optimize.py); off when None.
         """
         self.model_paths = {model_id: Path(path) for model_id, path in models.items()}
         self.lora_paths = {lora_id: Path(path) for lora_id, path in (loras or {}).items()}
@@ -111,6 +114,9 @@ class Engine:
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.generator_device = torch.device(generator_device)
         self.vae_batch_size = vae_batch_size
+        # engine optimizations: latents stay fp32 on the optimized path, only the nets run bf16
+        self.optimizations = (optimizations or OptimizationConfig()).resolved(self.device)
+        self.latent_dtype = self.optimizations.latent_dtype(self.dtype)
         self._pipes: OrderedDict[str, StableDiffusionPipeline] = OrderedDict()
         self._load_lock = threading.Lock()
 
@@ -141,6 +147,7 @@ class Engine:
                 ) from exc
             pipe.to(self.device)
             pipe.set_progress_bar_config(disable=True)
+            apply_optimizations(pipe, self.optimizations, self.device)
             self._pipes[model_id] = pipe
             return pipe
 
@@ -346,7 +353,7 @@ class Engine:
                 state.params.width // scale,
             )
             noise = randn_tensor(
-                shape, generator=state.generators, device=self.device, dtype=self.dtype
+                shape, generator=state.generators, device=self.device, dtype=self.latent_dtype
             )
             state.latents = noise * state.scheduler.init_noise_sigma
 
@@ -363,14 +370,14 @@ class Engine:
             timesteps.append(t.float().reshape(1).expand(state.samples))
         cfg = [i for i, state in enumerate(states) if state.uncond_embeds is not None]
 
-        noise_pred = pipe.unet(
+        # The runner (service/engine/optimize.py) calls the stock, compiled or graphed UNet.
+        noise_pred = runner_for(pipe).unet(
             torch.cat([inputs[i] for i in cfg] + inputs),
             torch.cat([timesteps[i] for i in cfg] + timesteps).to(self.device),
-            encoder_hidden_states=torch.cat(
+            torch.cat(
                 [states[i].uncond_embeds for i in cfg] + [state.cond_embeds for state in states]
             ),
-            return_dict=False,
-        )[0]
+        )
 
         n_uncond = sum(states[i].samples for i in cfg)
         noise = list(noise_pred[n_uncond:].split([state.samples for state in states]))
@@ -397,7 +404,7 @@ class Engine:
         """VAE-decode latents into HxWx3 uint8 arrays, `vae_batch_size` images at a time."""
         images = []
         for chunk in latents.split(self.vae_batch_size):
-            decoded = pipe.vae.decode(chunk / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            decoded = runner_for(pipe).decode(chunk)
             pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
             images.extend((pixels * 255).round().astype(np.uint8))
         return images

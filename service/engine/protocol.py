@@ -65,10 +65,15 @@ class GenerationOutput:
 class TextToImageEngine(Protocol):
     """What the generator deployment needs of an engine (`AppConfig.engine` names the class).
 
-    Constructed as `cls(models, device=..., dtype=...)` with `models` mapping ids to folders.
+    Constructed as `cls(models, device=..., dtype=..., loras=..., max_loaded_models=...)`,
+    `models` and `loras` mapping ids to folders and files.
     """
 
     def load(self, model_id: str) -> object: ...
+
+    def unload(self, model_id: str) -> bool: ...
+
+    def loaded_models(self) -> list[str]: ...
 
     def warmup(self, model_id: str) -> None: ...
 

@@ -187,3 +187,31 @@ def _prefix_text_encoder_keys(file: Path) -> None:
 
 def _write_json(file: Path, data: dict) -> None:
     file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def build_tiny_lora(
+    model_dir: str | Path, out_file: str | Path, seed: int = 0, rank: int = 4
+) -> Path:
+    """A LoRA for the tiny model's UNet attention, with random non-zero weights, in the
+    diffusers safetensors layout: enough to show an adapter changing the image."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    out_file = Path(out_file)
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            init_lora_weights=False,
+        )
+    )
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        str(out_file.parent),
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        weight_name=out_file.name,
+    )
+    return out_file

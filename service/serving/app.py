@@ -35,6 +35,9 @@ class AppConfig(BaseModel):
     )
     generator_num_gpus: float = Field(0, ge=0, description="GPUs per generator replica.")
     generator_num_cpus: float = Field(1, ge=0, description="CPUs per generator replica.")
+    generator_health_check_period_s: float = Field(
+        10, gt=0, description="How often Serve checks a generator replica's health."
+    )
     generator_max_ongoing_requests: int | None = Field(
         None, ge=1, description="Default: 4 x max_batch_size, so batches can fill."
     )
@@ -77,6 +80,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         },
         # Loading and warming a real model takes minutes on a cold node.
         "health_check_timeout_s": 60,
+        "health_check_period_s": config.generator_health_check_period_s,
         "logging_config": {"encoding": config.log_encoding},
     }
     if config.generator_autoscaling:

@@ -73,28 +73,107 @@ class Generator:
         self.settings = settings
         self.metrics = get_metrics()
         self.engine: TextToImageEngine = engine_class(
-            settings.model_paths(), device=device, dtype=resolve_dtype(settings.dtype, device)
+            settings.model_paths(),
+            device=device,
+            dtype=resolve_dtype(settings.dtype, device),
+            loras=settings.lora_paths(),
+            max_loaded_models=settings.max_loaded_models,
         )
-        for model_id in settings.model_paths():
-            started = time.perf_counter()
-            self.engine.load(model_id)
-            if settings.warmup:
-                self.engine.warmup(model_id)
-            self.metrics.set_warmup(model_id, time.perf_counter() - started)
+        # Ray Serve routes a request to a replica that already holds its model (the ingress
+        # sets multiplexed_model_id); the engine's own LRU bounds the memory.
+        async def load_model(model_id: str) -> str:  # a plain function: Serve tags it
+            return await self._load_model(model_id)
+
+        self._get_model = serve.multiplexed(max_num_models_per_replica=settings.max_loaded_models)(
+            load_model
+        )
         self.max_batch_images = max_batch_images
         self._waiting = 0
         self._unusable: str | None = None
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        log.info("generator ready on %s with models %s", device, sorted(settings.models))
+        for model_id in settings.models_to_preload()[: settings.max_loaded_models]:
+            self._load_and_warm(model_id)
+        log.info("generator ready on %s with models %s", device, self.engine.loaded_models())
+
+    def _load_and_warm(self, model_id: str) -> float:
+        started = time.perf_counter()
+        self.engine.load(model_id)
+        if self.settings.warmup:
+            self.engine.warmup(model_id)
+        seconds = time.perf_counter() - started
+        self.metrics.set_warmup(model_id, seconds)
+        return seconds
+
+    async def _load_model(self, model_id: str) -> str:
+        """Serve's multiplexed loader: a cold model's load time is the request's wait."""
+        if model_id not in self.engine.loaded_models():
+            started = time.perf_counter()
+            await asyncio.to_thread(self.engine.load, model_id)
+            self.metrics.stage("model_load", model_id, time.perf_counter() - started)
+        return model_id
 
     async def generate(self, params: GenerationParams) -> GenerationOutput:
         self._waiting += 1
         self.metrics.set_queue_depth(self._waiting)
+        try:
+            await self._get_model(params.model_id)
+        except Exception:
+            self._waiting -= 1
+            raise
         result = await self._batched((params, time.perf_counter()))
         if isinstance(result, Exception):
             raise result
         return result
+
+    # ---- what the enterprise routes ask of a replica -------------------------------------------
+
+    async def load_model(self, model_id: str, reload: bool = False) -> dict:
+        """Load (or reload from disk) and warm a model on this replica."""
+        if reload:
+            await asyncio.to_thread(self.engine.unload, model_id)
+        await self._get_model(model_id)
+        seconds = await asyncio.to_thread(self._load_and_warm, model_id)
+        return {"model_id": model_id, "seconds": round(seconds, 3), **self.details()}
+
+    def clear_cache(self) -> dict:
+        """Unload every pipeline no waiting request needs; give cached GPU memory back."""
+        unloaded = [m for m in self.engine.loaded_models() if self.engine.unload(m)]
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        return {"unloaded": unloaded, **self.details()}
+
+    def request_restart(self) -> dict:
+        """Fail the next health check, so Serve replaces this replica; requests that were
+        queued here are retried by the ingress on the replacement."""
+        self._unusable = "restart requested"
+        return self.details()
+
+    def details(self) -> dict:
+        from ray import serve as ray_serve
+
+        context = ray_serve.get_replica_context()
+        gpu = None
+        if self.device.startswith("cuda"):
+            import torch
+
+            props = torch.cuda.get_device_properties(0)
+            gpu = {
+                "name": props.name,
+                "memory_total_bytes": props.total_memory,
+                "memory_allocated_bytes": torch.cuda.memory_allocated(),
+                "memory_peak_bytes": torch.cuda.max_memory_allocated(),
+            }
+        return {
+            "replica": context.replica_tag if context else None,
+            "device": self.device,
+            "gpu": gpu,
+            "loaded_models": self.engine.loaded_models(),
+            "queue_depth": self._waiting,
+            "healthy": self._unusable is None,
+        }
 
     def ready(self) -> bool:
         """Models loaded and warmed (the constructor has returned) and no fatal error seen."""

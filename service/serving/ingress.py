@@ -8,6 +8,7 @@ import logging
 from decimal import Decimal
 
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from service.api.routes import create_app
@@ -27,6 +28,11 @@ from service.store.ledger import Ledger
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 5.0
+REPLICA_ATTEMPTS = 3
+REPLICA_RETRY_DELAY_S = 1.0
+# A replica that died or was replaced mid-request: the request never ran to completion there,
+# so it is safe to send it again (seeds make the result the same).
+REPLICA_GONE = (RayActorError, ActorUnavailableError)
 
 
 def build_image_service(settings: Settings, generate, metrics=None) -> ImageService:
@@ -59,24 +65,60 @@ def build_image_service(settings: Settings, generate, metrics=None) -> ImageServ
     )
 
 
+class GeneratorFleet:
+    """The generator deployment as the ingress sees it: generation routed by model, retried
+    when a replica dies under it, and the per-replica operations of the enterprise routes."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self._handle = handle
+
+    def _for_model(self, model_id: str) -> DeploymentHandle:
+        return self._handle.options(multiplexed_model_id=model_id)
+
+    async def generate(self, params: GenerationParams) -> GenerationOutput:
+        for attempt in range(1, REPLICA_ATTEMPTS + 1):
+            try:
+                return await self._for_model(params.model_id).generate.remote(params)
+            except REPLICA_GONE as exc:
+                if attempt == REPLICA_ATTEMPTS:
+                    raise
+                log.warning(
+                    "generator replica lost (%s); retrying, attempt %d of %d",
+                    type(exc).__name__,
+                    attempt + 1,
+                    REPLICA_ATTEMPTS,
+                )
+                await asyncio.sleep(REPLICA_RETRY_DELAY_S * attempt)
+        raise AssertionError("unreachable")
+
+    async def ready(self) -> bool:
+        try:
+            return await asyncio.wait_for(self._handle.ready.remote(), READY_TIMEOUT_S)
+        except Exception:
+            return False
+
+    async def details(self) -> dict:
+        return await self._handle.details.remote()
+
+    async def load_model(self, model_id: str, reload: bool) -> dict:
+        return await self._for_model(model_id).load_model.remote(model_id, reload)
+
+    async def clear_cache(self) -> dict:
+        return await self._handle.clear_cache.remote()
+
+    async def restart(self) -> dict:
+        return await self._handle.request_restart.remote()
+
+
 @serve.ingress()
 class Ingress:
     def __init__(self, generator: DeploymentHandle, settings: Settings):
-        self._generator = generator
+        self.fleet = GeneratorFleet(generator)
         self.settings = settings
-        self.service = build_image_service(settings, self._generate, get_metrics())
-
-    async def _generate(self, params: GenerationParams) -> GenerationOutput:
-        return await self._generator.generate.remote(params)
-
-    async def _generator_ready(self) -> bool:
-        try:
-            return await asyncio.wait_for(self._generator.ready.remote(), READY_TIMEOUT_S)
-        except Exception:
-            return False
+        self.service = build_image_service(settings, self.fleet.generate, get_metrics())
 
     def __serve_build_asgi_app__(self):
         app = create_app(self.settings.max_body_bytes, self.settings.strict_http_status)
         app.state.service = self.service
-        app.state.ready = self._generator_ready
+        app.state.fleet = self.fleet
         return app

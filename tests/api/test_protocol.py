@@ -1,16 +1,23 @@
 """The request model: coercion of what real clients send, and one message per broken rule."""
 
+from pathlib import Path
+
 import pytest
 
 from service.api.protocol import MAX_SEED, RequestError, Text2ImgRequest
 from service.config import Settings
+from service.registry import ModelInfo
 
-SIZES = {"stable-diffu": (768, 768), "other": (512, 512)}
+SIZES = {
+    "stable-diffu": ModelInfo("stable-diffu", Path("m"), 768, 768, 30, "v_prediction"),
+    "other": ModelInfo("other", Path("o"), 512, 512, 20, "epsilon"),
+}
+LORAS = ("style", "detail")
 
 
 def params(settings=None, **fields):
     body = Text2ImgRequest.model_validate({"key": "k", "prompt": "a cat", **fields})
-    return body.to_params(settings or Settings(), SIZES)
+    return body.to_params(settings or Settings(), SIZES, LORAS)
 
 
 def error_of(**fields) -> str:
@@ -30,7 +37,20 @@ def test_defaults_follow_the_model():
     assert p.use_karras_sigmas is True and p.clip_skip == 1
     assert 1 <= p.seed <= MAX_SEED
     assert options["base64"] is False and options["instant_response"] is False
-    assert params(model_id="other")[0].width == 512
+    other, _ = params(model_id="other")
+    assert (other.width, other.num_inference_steps, other.loras) == (512, 20, ())
+
+
+def test_loras_and_strengths():
+    assert params(lora_model="style")[0].loras == (("style", 1.0),)
+    assert params(lora_model="style, detail", lora_strength="0.5")[0].loras == (
+        ("style", 0.5),
+        ("detail", 0.5),
+    )
+    assert params(lora_model="style,detail", lora_strength="0.3,0.9")[0].loras == (
+        ("style", 0.3),
+        ("detail", 0.9),
+    )
 
 
 def test_numbers_as_strings_and_toggles_as_words():
@@ -81,7 +101,10 @@ def test_scheduler_without_suffix_and_algorithm_type():
         ({"prompt": "   "}, "prompt must be a non-empty string"),
         ({"webhook": "ftp://x"}, "webhook must be an http:// or https:// URL"),
         ({"algorithm_type": "bogus"}, "algorithm_type must be one of: none, "),
-        ({"lora_model": "foo"}, "lora_model 'foo' is not available"),
+        ({"lora_model": "foo"}, "lora_model 'foo' is not available; available LoRAs: detail, "),
+        ({"lora_model": "style", "lora_strength": "2"}, "lora_strength must be between 0.1"),
+        ({"lora_model": "style,detail", "lora_strength": "0.5,0.5,0.5"}, "one per lora_model"),
+        ({"lora_model": "style,style"}, "must not name the same LoRA twice"),
     ],
 )
 def test_each_rule_names_the_field(fields, expected):
@@ -128,7 +151,7 @@ def test_unknown_fields_are_kept_aside_and_not_applied_ones_reported():
         {"key": "k", "prompt": "x", "watermark": "no", "upscale": "yes", "tomesd": "no"}
     )
     assert body.ignored_fields() == ["tomesd", "upscale", "watermark"]
-    _, options = body.to_params(Settings(), SIZES)
+    _, options = body.to_params(Settings(), SIZES, LORAS)
     assert options["not_applied"] == ["upscale"]
     _, options = params(safety_checker="yes")
     assert any("safety_checker" in item for item in options["not_applied"])

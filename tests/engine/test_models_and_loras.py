@@ -6,33 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
-from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from service.engine.pipeline import Engine, LoraError, ModelLoadError
 from service.engine.protocol import GenerationParams
-from service.engine.tiny_model import build_tiny_model
-
-
-def write_tiny_lora(model_dir, out_file, seed: int, rank: int = 4):
-    """A LoRA for the tiny UNet with random (non-zero) weights, in the diffusers layout."""
-    torch.manual_seed(seed)
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-        init_lora_weights=False,
-    )
-    pipe.unet.add_adapter(config)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
-        str(out_file.parent),
-        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-        weight_name=out_file.name,
-    )
-    return out_file
+from service.engine.tiny_model import build_tiny_lora, build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +18,8 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("multi")
     model_a = build_tiny_model(root / "model-a", seed=0)
     model_b = build_tiny_model(root / "model-b", seed=1)
-    style = write_tiny_lora(model_a, root / "loras" / "style.safetensors", seed=3)
-    detail = write_tiny_lora(model_a, root / "loras" / "detail.safetensors", seed=4)
+    style = build_tiny_lora(model_a, root / "loras" / "style.safetensors", seed=3)
+    detail = build_tiny_lora(model_a, root / "loras" / "detail.safetensors", seed=4)
     # a LoRA whose shapes fit no tiny model: every lora_A gets twice the input features
     misfit = root / "loras" / "misfit.safetensors"
     tensors = load_file(style)
