@@ -1,0 +1,649 @@
+// The sdserve playground: a form over this server's own ModelsLab API. No framework, no build:
+// the server answers the bounds (/playground/config), the models (model_list), the key's plan
+// (/playground/account), and every rule is checked by the API itself, whose error messages
+// start with the field's name and are shown next to that field.
+"use strict";
+
+const KEY_STORAGE = "sdserve.apiKey";
+const LANG_STORAGE = "sdserve.codeLanguage";
+const KEY_PLACEHOLDER = "YOUR_API_KEY";
+const TEXT2IMG_PATH = "/api/v6/images/text2img";
+// Longest first, so `negative_prompt ...` never matches `prompt`.
+const FIELD_NAMES = [
+  "num_inference_steps", "negative_prompt", "guidance_scale", "lora_strength", "lora_model",
+  "model_id", "scheduler", "samples", "prompt", "height", "width", "seed",
+];
+const NUMERIC_FIELDS = new Set(["width", "height", "samples", "num_inference_steps", "guidance_scale"]);
+
+const state = {
+  config: null,
+  models: [],
+  account: null,
+  lastSizeDefaults: null,
+  lastStepsDefault: null,
+};
+
+const $ = (id) => document.getElementById(id);
+
+// ---- money: integer micro-dollars, as the server keeps them -------------------------------
+
+function toMicros(usd) {
+  const [whole, frac = ""] = String(usd).trim().split(".");
+  return Number(whole || 0) * 1_000_000 + Number((frac + "000000").slice(0, 6));
+}
+
+function formatUsd(micros) {
+  const text = (micros / 1_000_000).toFixed(6).replace(/0+$/, "").replace(/\.$/, "");
+  return `${text}$`;
+}
+
+// ---- HTTP -------------------------------------------------------------------------------
+
+async function postJSON(path, body) {
+  let response;
+  try {
+    response = await fetch(path, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+  } catch (err) {
+    return { status: "error", message: `The server did not answer (${err.message})` };
+  }
+  try {
+    return await response.json();
+  } catch {
+    return { status: "error", message: `HTTP ${response.status} ${response.statusText}` };
+  }
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// ---- the form ---------------------------------------------------------------------------
+
+function selectedModel() {
+  return state.models.find((m) => m.model_id === $("model_id").value) || null;
+}
+
+function fieldValue(name) {
+  const element = $(name);
+  return element ? element.value.trim() : "";
+}
+
+// The request body the form describes (without the key). Numbers go as numbers when they
+// parse, otherwise as typed, so that the API names what is wrong with them.
+function requestBody() {
+  const body = {};
+  for (const name of ["model_id", "prompt", "negative_prompt", "width", "height", "samples",
+    "num_inference_steps", "guidance_scale", "seed", "scheduler"]) {
+    const value = fieldValue(name);
+    if (name === "seed") {
+      body.seed = value === "" ? null : asNumber(value);
+    } else if (NUMERIC_FIELDS.has(name)) {
+      if (value !== "") body[name] = asNumber(value);
+    } else if (value !== "" || name === "prompt") {
+      body[name] = value;
+    }
+  }
+  const lora = fieldValue("lora_model");
+  if (lora) {
+    body.lora_model = lora;
+    const strength = fieldValue("lora_strength");
+    if (strength !== "") body.lora_strength = asNumber(strength);
+  }
+  return body;
+}
+
+function asNumber(text) {
+  return /^-?\d+(\.\d+)?$/.test(text) ? Number(text) : text;
+}
+
+function setOptions(select, items, selected) {
+  select.replaceChildren(
+    ...items.map(({ value, label }) => {
+      const option = document.createElement("option");
+      option.value = value;
+      option.textContent = label;
+      option.selected = value === selected;
+      return option;
+    }),
+  );
+}
+
+function applyConfig(config) {
+  state.config = config;
+  const fields = config.fields;
+  const bounds = (name, suffix = "") => {
+    const f = fields[name] || {};
+    const input = $(name);
+    if (f.minimum !== undefined) input.min = f.minimum;
+    if (f.maximum !== undefined) input.max = f.maximum;
+    if (f.description) input.title = f.description;
+    const range = f.minimum !== undefined && f.maximum !== undefined ? `${f.minimum}–${f.maximum}` : "";
+    const hint = $(`${name}-hint`);
+    if (hint && range) hint.textContent = range + suffix;
+  };
+  bounds("width", ", multiple of 8");
+  bounds("height", ", multiple of 8");
+  bounds("samples");
+  bounds("num_inference_steps");
+  bounds("guidance_scale");
+  for (const [name, input] of [["samples", $("samples")], ["num_inference_steps", $("num_inference_steps")],
+    ["guidance_scale", $("guidance_scale")]]) {
+    if (input.value === "" && fields[name] && fields[name].default !== undefined) {
+      input.value = fields[name].default;
+    }
+  }
+  for (const name of ["prompt", "negative_prompt", "seed", "model_id", "scheduler", "lora_model"]) {
+    if (fields[name] && fields[name].description) $(name).title = fields[name].description;
+  }
+  const defaultScheduler = (fields.scheduler && fields.scheduler.default) || config.schedulers[0];
+  setOptions(
+    $("scheduler"),
+    config.schedulers.map((name) => ({ value: name, label: name.replace(/Scheduler$/, "") })),
+    defaultScheduler,
+  );
+  applyLoras(config.loras || []);
+  applyModels(config.models, config.default_model_id);
+}
+
+function applyLoras(loras) {
+  const select = $("lora_model");
+  const current = select.value;
+  setOptions(
+    select,
+    [{ value: "", label: "none" }, ...loras.map((id) => ({ value: id, label: id }))],
+    loras.includes(current) ? current : "",
+  );
+  select.disabled = loras.length === 0;
+  $("lora_model-hint").textContent = loras.length === 0 ? "No LoRAs on this server yet." : "";
+  onLoraChange();
+}
+
+function onLoraChange() {
+  $("lora_strength-field").hidden = $("lora_model").value === "";
+}
+
+function applyModels(models, preferred) {
+  if (!models || models.length === 0) return;
+  const current = $("model_id").value || preferred;
+  state.models = models;
+  const selected = models.some((m) => m.model_id === current) ? current : models[0].model_id;
+  setOptions($("model_id"), models.map((m) => ({ value: m.model_id, label: m.model_name || m.model_id })), selected);
+  onModelChange();
+}
+
+// A new model brings its default size and steps, unless the user typed their own.
+function onModelChange() {
+  const model = selectedModel();
+  if (!model) return;
+  if (Array.isArray(model.loras)) applyLoras(model.loras);
+  const steps = $("num_inference_steps");
+  if (model.default_steps && (state.lastStepsDefault === null
+    || steps.value === String(state.lastStepsDefault) || steps.value === "")) {
+    steps.value = model.default_steps;
+    state.lastStepsDefault = model.default_steps;
+  }
+  const sizeUntouched = state.lastSizeDefaults === null
+    || ($("width").value === String(state.lastSizeDefaults[0])
+      && $("height").value === String(state.lastSizeDefaults[1]))
+    || ($("width").value === "" && $("height").value === "");
+  if (sizeUntouched) {
+    $("width").value = model.width;
+    $("height").value = model.height;
+    state.lastSizeDefaults = [model.width, model.height];
+  }
+  renderCostLines();
+  renderCode();
+}
+
+// ---- the key and its plan ---------------------------------------------------------------
+
+async function refreshKey() {
+  const key = fieldValue("key");
+  clearFieldError("key");
+  if (!key) {
+    localStorage.removeItem(KEY_STORAGE);
+    state.account = null;
+    $("account").textContent = "Remembered in this browser only.";
+    renderCostLines();
+    return;
+  }
+  localStorage.setItem(KEY_STORAGE, key);
+  const [account, models] = await Promise.all([
+    postJSON("/playground/account", { key }),
+    postJSON("/api/v4/dreambooth/model_list", { key }),
+  ]);
+  if (fieldValue("key") !== key) return; // typed on meanwhile
+  if (account.status !== "success") {
+    state.account = null;
+    $("account").textContent = "";
+    showFieldError("key", account.message || "Invalid API key");
+  } else {
+    state.account = account;
+    $("account").textContent = describeAccount(account);
+  }
+  if (Array.isArray(models)) applyModels(models, state.config && state.config.default_model_id);
+  renderCostLines();
+}
+
+function describeAccount(account) {
+  const plan = account.plan.replaceAll("_", " ");
+  if (account.plan === "pay_per_use") return `${account.name}: ${plan}, balance ${formatUsd(toMicros(account.balance_usd))}`;
+  if (account.plan === "free") {
+    return `${account.name}: free plan, ${account.free_images_left} of ${account.free_images_per_month} free images left this month`;
+  }
+  return `${account.name}: premium plan, no per-image charge`;
+}
+
+// ---- cost -------------------------------------------------------------------------------
+
+function samplesRequested() {
+  const n = Number(fieldValue("samples") || 1);
+  return Number.isInteger(n) && n > 0 ? n : 1;
+}
+
+function renderCostLines() {
+  const model = selectedModel();
+  const line = $("price-line");
+  const estimate = $("cost-estimate");
+  if (!model) {
+    line.textContent = "";
+    estimate.textContent = "";
+    return;
+  }
+  const unit = toMicros(model.price_per_image_usd);
+  line.textContent = `Per image generation will cost ${formatUsd(unit)}`;
+  const n = samplesRequested();
+  const account = state.account;
+  if (!account) {
+    estimate.textContent = "";
+  } else if (account.plan === "pay_per_use") {
+    estimate.textContent = `This request: ${n} × ${formatUsd(unit)} = ${formatUsd(unit * n)} from your balance.`;
+  } else if (account.plan === "free") {
+    estimate.textContent = `This request uses ${n} of your ${account.free_images_left} free images left this month (0$).`;
+  } else {
+    estimate.textContent = "Premium plan: this request costs 0$.";
+  }
+}
+
+function callCost(images, modelId) {
+  const model = state.models.find((m) => m.model_id === modelId) || selectedModel();
+  const unit = model ? toMicros(model.price_per_image_usd) : 0;
+  const plan = state.account ? state.account.plan : null;
+  if (plan === "free") return `0$ (${images} of your free monthly images)`;
+  if (plan === "premium") return "0$ (premium plan)";
+  const total = `${formatUsd(unit * images)} (${images} × ${formatUsd(unit)})`;
+  return plan === "pay_per_use" ? total : `${total} on a pay-per-use key`;
+}
+
+// ---- errors next to their fields ----------------------------------------------------------
+
+function fieldOf(message) {
+  for (const name of FIELD_NAMES) {
+    if (message.startsWith(`${name} `) || message.startsWith(`${name}.`) || message.startsWith(`${name}:`)) {
+      return name;
+    }
+  }
+  return /API key/i.test(message) ? "key" : null;
+}
+
+// "width must be ...; samples must be ..." -> one part per field; a part that names no
+// field belongs to the part before it ("model_id 'x' is not available; available models: a").
+function splitMessage(message) {
+  const parts = [];
+  for (const piece of String(message).split("; ")) {
+    if (parts.length > 0 && fieldOf(piece) === null) parts[parts.length - 1] += `; ${piece}`;
+    else parts.push(piece);
+  }
+  return parts;
+}
+
+function showApiError(message) {
+  const general = [];
+  let first = null;
+  for (const part of splitMessage(message)) {
+    const name = fieldOf(part);
+    if (name && $(name)) {
+      showFieldError(name, part);
+      first = first || name;
+    } else {
+      general.push(part);
+    }
+  }
+  $("form-error").textContent = general.join("; ");
+  if (first) {
+    const input = $(first);
+    const details = input.closest("details");
+    if (details) details.open = true;
+    input.focus({ preventScroll: true });
+    input.scrollIntoView({ block: "center", behavior: "smooth" });
+  }
+}
+
+function showFieldError(name, message) {
+  const box = $(`${name}-error`);
+  const input = $(name);
+  if (box) box.textContent = message;
+  if (input) {
+    input.setAttribute("aria-invalid", "true");
+    input.setAttribute("aria-describedby", `${name}-error`);
+  }
+}
+
+function clearFieldError(name) {
+  const box = $(`${name}-error`);
+  if (box) box.textContent = "";
+  const input = $(name);
+  if (input) input.removeAttribute("aria-invalid");
+}
+
+function clearErrors() {
+  for (const name of [...FIELD_NAMES, "key"]) clearFieldError(name);
+  $("form-error").textContent = "";
+}
+
+// ---- generate ---------------------------------------------------------------------------
+
+function setStatus(kind, text) {
+  const badge = $("status");
+  badge.className = `status status-${kind}`;
+  badge.textContent = text;
+}
+
+function showPlaceholders(count, width, height) {
+  const gallery = $("gallery");
+  gallery.replaceChildren();
+  for (let i = 0; i < count; i += 1) {
+    const box = document.createElement("div");
+    box.className = "placeholder";
+    box.style.aspectRatio = `${width} / ${height}`;
+    gallery.append(box);
+  }
+}
+
+function showImages(urls, width, height) {
+  const gallery = $("gallery");
+  gallery.replaceChildren(
+    ...urls.map((url, i) => {
+      const figure = document.createElement("figure");
+      const link = document.createElement("a");
+      link.href = url;
+      link.target = "_blank";
+      link.rel = "noopener";
+      const img = document.createElement("img");
+      img.src = url;
+      img.alt = `Generated image ${i + 1} of ${urls.length}`;
+      img.style.aspectRatio = `${width} / ${height}`;
+      link.append(img);
+      const caption = document.createElement("figcaption");
+      caption.textContent = `${width}×${height}`;
+      figure.append(link, caption);
+      return figure;
+    }),
+  );
+}
+
+function showResult(job) {
+  const meta = job.meta || {};
+  $("result-time").textContent = `${Number(job.generationTime).toFixed(2)} s`;
+  $("result-seed").textContent = String(meta.seed);
+  $("result-size").textContent = `${meta.width}×${meta.height}, ${job.output.length} image${job.output.length === 1 ? "" : "s"}`;
+  $("result-cost").textContent = callCost(job.output.length, meta.model_id);
+  $("result").hidden = false;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  clearErrors();
+  const key = fieldValue("key");
+  if (!key) {
+    showFieldError("key", "key is required: paste your API key");
+    $("key").focus();
+    return;
+  }
+  const button = $("generate");
+  button.disabled = true;
+  $("result").hidden = true;
+  const started = performance.now();
+  const elapsed = () => ((performance.now() - started) / 1000).toFixed(1);
+  try {
+    setStatus("processing", "Sending…");
+    localStorage.setItem(KEY_STORAGE, key);
+    let job = await postJSON(TEXT2IMG_PATH, { key, ...requestBody(), instant_response: "yes" });
+    let unanswered = 0;
+    if (job.status === "processing") {
+      const meta = job.meta || {};
+      showPlaceholders(job.future_links.length, meta.width || 1, meta.height || 1);
+    }
+    while (job.status === "processing") {
+      setStatus("processing", `Processing… ${elapsed()} s`);
+      const seconds = (performance.now() - started) / 1000;
+      await sleep(seconds < 10 ? 400 : 1500);
+      // This server's own fetch route: `fetch_result` carries the configured public URL,
+      // which a browser on another address may not reach.
+      const next = await postJSON(`/api/v6/images/fetch/${job.id}`, { key });
+      const transient = next.status === "error" && /not answer|HTTP 5/.test(next.message);
+      if (transient && unanswered < 30) {
+        unanswered += 1;
+        continue;
+      }
+      unanswered = 0;
+      job = next;
+    }
+    if (job.status === "success") {
+      const meta = job.meta || {};
+      showImages(job.output, meta.width, meta.height);
+      showResult(job);
+      setStatus("success", `Done in ${elapsed()} s`);
+      refreshKey();
+    } else if (job.status === "failed") {
+      $("gallery").replaceChildren();
+      setStatus("failed", "Failed");
+      $("form-error").textContent = job.message;
+    } else {
+      setStatus("error", "Error");
+      $("gallery").replaceChildren(emptyNote("Nothing was generated."));
+      showApiError(job.message || "Unexpected answer from the server");
+    }
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function emptyNote(text) {
+  const p = document.createElement("p");
+  p.className = "empty";
+  p.textContent = text;
+  return p;
+}
+
+// ---- code panel -------------------------------------------------------------------------
+
+function pyValue(value) {
+  if (value === null || value === undefined) return "None";
+  if (value === true) return "True";
+  if (value === false) return "False";
+  if (typeof value === "number") return String(value);
+  return JSON.stringify(String(value)); // a JSON string is a valid Python string literal
+}
+
+function phpValue(value) {
+  if (value === null || value === undefined) return "null";
+  if (typeof value === "number") return String(value);
+  return `'${String(value).replaceAll("\\", "\\\\").replaceAll("'", "\\'")}'`;
+}
+
+function shellQuote(text) {
+  return `'${text.replaceAll("'", "'\\''")}'`;
+}
+
+function snippetBody() {
+  return { key: KEY_PLACEHOLDER, ...requestBody() };
+}
+
+const SNIPPETS = {
+  python(origin, body) {
+    const fields = Object.entries(body).map(([k, v]) => `    ${JSON.stringify(k)}: ${pyValue(v)},`);
+    return [
+      "import time",
+      "",
+      "import requests",
+      "",
+      `BASE_URL = ${JSON.stringify(origin)}`,
+      "",
+      "payload = {",
+      ...fields,
+      "}",
+      `body = requests.post(BASE_URL + "${TEXT2IMG_PATH}", json=payload, timeout=300).json()`,
+      "while body[\"status\"] == \"processing\":  # past the server's sync window: poll",
+      "    time.sleep(2)",
+      "    body = requests.post(body[\"fetch_result\"], json={\"key\": payload[\"key\"]}, timeout=60).json()",
+      "if body[\"status\"] != \"success\":",
+      "    raise SystemExit(body[\"message\"])",
+      "print(body[\"output\"])",
+      "",
+    ].join("\n");
+  },
+
+  modelslab(origin, body) {
+    const ints = new Set(["width", "height", "samples", "num_inference_steps", "seed"]);
+    const args = [];
+    for (const [k, v] of Object.entries(body)) {
+      if (k === "key" || v === null || v === undefined) continue;
+      const typed = ints.has(k) && typeof v === "number" ? Math.trunc(v) : v;
+      args.push(`        ${k}=${pyValue(typed)},`);
+    }
+    return [
+      "from modelslab_py.core.apis.community import Community",
+      "from modelslab_py.core.client import Client",
+      "from modelslab_py.schemas.community import Text2Image",
+      "",
+      `client = Client(api_key=${pyValue(body.key)})`,
+      `client.base_url = ${JSON.stringify(`${origin}/api/`)}  # this server instead of modelslab.com`,
+      "api = Community(client=client, enterprise=False)  # after base_url: it builds its URLs from it",
+      "response = api.text_to_image(",
+      "    Text2Image(",
+      ...args,
+      "    )",
+      ")",
+      "print(response[\"status\"], response.get(\"output\"), response.get(\"fetch_result\"))",
+      "",
+    ].join("\n");
+  },
+
+  javascript(origin, body) {
+    const literal = JSON.stringify(body, null, 2).replaceAll("\n", "\n  ");
+    return [
+      `const response = await fetch(${JSON.stringify(origin + TEXT2IMG_PATH)}, {`,
+      "  method: \"POST\",",
+      "  headers: { \"Content-Type\": \"application/json\" },",
+      `  body: JSON.stringify(${literal}),`,
+      "});",
+      "const body = await response.json();",
+      "// \"processing\": POST body.fetch_result with { key } until the status changes",
+      "console.log(body.status, body.output);",
+      "",
+    ].join("\n");
+  },
+
+  curl(origin, body) {
+    return [
+      `curl -X POST ${shellQuote(origin + TEXT2IMG_PATH)} \\`,
+      "  -H 'Content-Type: application/json' \\",
+      `  -d ${shellQuote(JSON.stringify(body, null, 2))}`,
+      "",
+    ].join("\n");
+  },
+
+  php(origin, body) {
+    const fields = Object.entries(body).map(([k, v]) => `    ${phpValue(k)} => ${phpValue(v)},`);
+    return [
+      "<?php",
+      "$payload = [",
+      ...fields,
+      "];",
+      `$curl = curl_init(${phpValue(origin + TEXT2IMG_PATH)});`,
+      "curl_setopt_array($curl, [",
+      "    CURLOPT_POST => true,",
+      "    CURLOPT_RETURNTRANSFER => true,",
+      "    CURLOPT_HTTPHEADER => ['Content-Type: application/json'],",
+      "    CURLOPT_POSTFIELDS => json_encode($payload),",
+      "]);",
+      "$body = json_decode(curl_exec($curl), true);",
+      "curl_close($curl);",
+      "print_r($body['output'] ?? $body);",
+      "",
+    ].join("\n");
+  },
+};
+
+function currentLanguage() {
+  const stored = localStorage.getItem(LANG_STORAGE);
+  return SNIPPETS[stored] ? stored : "python";
+}
+
+function renderCode() {
+  const lang = currentLanguage();
+  for (const tab of document.querySelectorAll("[role=tab]")) {
+    tab.setAttribute("aria-selected", String(tab.dataset.lang === lang));
+  }
+  $("code-snippet").textContent = SNIPPETS[lang](location.origin, snippetBody());
+  $("code-snippet").dataset.lang = lang;
+}
+
+async function copyCode() {
+  const text = $("code-snippet").textContent;
+  const button = $("copy-code");
+  try {
+    await navigator.clipboard.writeText(text);
+    button.textContent = "Copied";
+  } catch {
+    const range = document.createRange();
+    range.selectNodeContents($("code-snippet"));
+    const selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+    button.textContent = "Selected";
+  }
+  setTimeout(() => { button.textContent = "Copy"; }, 1500);
+}
+
+// ---- start ------------------------------------------------------------------------------
+
+async function start() {
+  const form = $("playground-form");
+  form.addEventListener("submit", generate);
+  form.addEventListener("input", (event) => {
+    if (event.target.name && event.target.name !== "key") clearFieldError(event.target.name);
+    renderCostLines();
+    renderCode();
+  });
+  form.addEventListener("change", renderCode);
+  $("model_id").addEventListener("change", onModelChange);
+  $("lora_model").addEventListener("change", onLoraChange);
+  $("key").addEventListener("change", refreshKey);
+  $("toggle-key").addEventListener("click", () => {
+    const input = $("key");
+    const show = input.type === "password";
+    input.type = show ? "text" : "password";
+    $("toggle-key").textContent = show ? "Hide" : "Show";
+    $("toggle-key").setAttribute("aria-pressed", String(show));
+  });
+  for (const tab of document.querySelectorAll("[role=tab]")) {
+    tab.addEventListener("click", () => {
+      localStorage.setItem(LANG_STORAGE, tab.dataset.lang);
+      renderCode();
+    });
+  }
+  $("copy-code").addEventListener("click", copyCode);
+
+  $("key").value = localStorage.getItem(KEY_STORAGE) || "";
+  const response = await fetch("/playground/config");
+  applyConfig(await response.json());
+  renderCode();
+  if ($("key").value) await refreshKey();
+  document.body.dataset.ready = "true";
+}
+
+start();
