@@ -112,6 +112,18 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(30.0, description="Per-attempt timeout of a webhook POST.")
     webhook_attempts: int = Field(3, description="Webhook POST attempts before giving up.")
     webhook_backoff_s: float = Field(1.0, description="First retry delay; doubles per attempt.")
+    max_inflight_jobs: int = Field(
+        256, ge=1, description="Jobs one ingress replica runs at once; beyond that: 429."
+    )
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, description="How often an ingress replica marks its running jobs alive."
+    )
+    orphan_after_s: float = Field(
+        30.0, gt=0, description="A processing job without a heartbeat this long is taken over."
+    )
+    max_job_attempts: int = Field(
+        3, ge=1, description="Attempts of a job whose server died before it is failed."
+    )
     strict_http_status: bool = Field(
         False, description="Answer errors with 4xx codes instead of ModelsLab's HTTP 200."
     )

@@ -14,9 +14,12 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+
+DATABASE_RETRY_AFTER_S = 5.0
 
 
 class ErrorKind(enum.Enum):
@@ -130,6 +133,17 @@ def install_error_handlers(app: FastAPI, strict: bool) -> None:
         # Unknown paths are real 404s even in ModelsLab mode: no client branches on them.
         response = error_response(ApiError(kind, message), strict=True)
         return response
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(request: Request, exc: OperationalError):
+        log.error("database unreachable: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        error = ApiError(
+            ErrorKind.UNAVAILABLE,
+            "Service temporarily unavailable: the database cannot be reached; retry shortly",
+            retry_after=DATABASE_RETRY_AFTER_S,
+        )
+        _record(request, error)
+        return error_response(error, strict)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -75,6 +77,8 @@ class ImageService:
         self._base_url = settings.public_base_url.rstrip("/")
         self._running: dict[int, asyncio.Task] = {}
         self._webhooks: set[asyncio.Task] = set()
+        # who runs a job: its heartbeats say this process is alive (see maintain)
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     # ---- auth ---------------------------------------------------------------------------------
 
@@ -117,6 +121,12 @@ class ImageService:
             raise ApiError(ErrorKind.VALIDATION, str(exc)) from None
         self.metrics.stage("validation", params.model_id, time.perf_counter() - started)
 
+        if len(self._running) >= self.settings.max_inflight_jobs:
+            raise ApiError(
+                ErrorKind.RATE_LIMIT,
+                f"Server busy: {len(self._running)} jobs are queued or running; retry later",
+                retry_after=self._eta(params) * 2,
+            )
         job_uuid = str(uuid.uuid4())
         file_prefix = uuid.uuid4().hex
         names = output_names(file_prefix, params.samples, options["base64"], options["temp"])
@@ -134,6 +144,7 @@ class ImageService:
                 unit_price=self.prices.price_per_image(params.model_id),
                 webhook=options["webhook"],
                 track_id=options["track_id"],
+                owner=self.owner,
             )
         except ConcurrencyLimitExceeded as exc:
             self.metrics.rate_limit(key.plan.value)
@@ -148,10 +159,7 @@ class ImageService:
         except InvalidApiKey:  # revoked between authenticate and create
             raise ApiError(ErrorKind.AUTH, "Invalid API key") from None
 
-        task = asyncio.create_task(self._run(job, params, key))
-        self._running[job.id] = task
-        self.metrics.set_inflight(len(self._running))
-        task.add_done_callback(lambda _t, job_id=job.id: self._job_ended(job_id))
+        task = self._start(job, params, key)
 
         if options["instant_response"]:
             body = self._processing_body(job, family, "Request accepted; fetch the result later")
@@ -172,6 +180,13 @@ class ImageService:
             route, params.model_id, body["status"], time.perf_counter() - started
         )
         return body
+
+    def _start(self, job: JobRecord, params: GenerationParams, key: KeyRecord) -> asyncio.Task:
+        task = asyncio.create_task(self._run(job, params, key))
+        self._running[job.id] = task
+        self.metrics.set_inflight(len(self._running))
+        task.add_done_callback(lambda _t, job_id=job.id: self._job_ended(job_id))
+        return task
 
     def _job_ended(self, job_id: int) -> None:
         self._running.pop(job_id, None)
@@ -242,9 +257,7 @@ class ImageService:
             self.metrics.job_done(params.model_id, resolution, "success", elapsed)
         finally:
             if job.webhook:
-                hook = asyncio.create_task(self._deliver_webhook(job.id))
-                self._webhooks.add(hook)
-                hook.add_done_callback(self._webhooks.discard)
+                self._notify(job.id)
 
     def _store_images(self, names: list[str], images: list) -> None:
         if len(images) != len(names):
@@ -298,7 +311,7 @@ class ImageService:
         return {
             "status": "processing",
             "id": job.id,
-            "eta": self._eta(GenerationParams(**job.params)),
+            "eta": self._eta(GenerationParams.from_dict(job.params)),
             "message": message,
             "messege": message,
             "fetch_result": self._base_url + FETCH_PATHS[family].format(id=job.id),
@@ -321,7 +334,7 @@ class ImageService:
 
     async def system_load(self) -> dict:
         processing = await asyncio.to_thread(self.jobs.processing)
-        queue_time = sum(self._eta(GenerationParams(**job.params)) for job in processing)
+        queue_time = sum(self._eta(GenerationParams.from_dict(job.params)) for job in processing)
         return {"queue_num": len(processing), "queue_time": round(queue_time, 2), "status": "ok"}
 
     async def processing_count(self, key: KeyRecord) -> int:
@@ -353,6 +366,48 @@ class ImageService:
                     await asyncio.sleep(delay)
                     delay *= 2
         await asyncio.to_thread(self.jobs.set_webhook_status, job_id, status)
+
+    # ---- jobs of dead processes -----------------------------------------------------------------
+
+    async def maintain(self) -> None:
+        """Forever: keep this replica's jobs alive and take over those of dead replicas."""
+        while True:
+            try:
+                await self.maintain_once()
+            except Exception:
+                log.exception("job maintenance failed; retrying")
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def maintain_once(self) -> tuple[list[int], list[int]]:
+        """One round: heartbeat the running jobs, then re-dispatch (or fail and refund, after
+        `max_job_attempts`) every processing job whose owner stopped beating. Returns the ids
+        re-dispatched and failed."""
+        await asyncio.to_thread(self.jobs.heartbeat, self.owner, list(self._running))
+        claimed, failed = await asyncio.to_thread(
+            self.jobs.claim_orphans,
+            self.owner,
+            self.settings.orphan_after_s,
+            self.settings.max_job_attempts,
+        )
+        for job in claimed:
+            key = await asyncio.to_thread(self.keys.by_hash, job.key_hash)
+            if key is None:  # the key row is gone: nothing to bill, nothing to run
+                await asyncio.to_thread(self.jobs.fail, job.id, "API key no longer exists")
+                continue
+            log.warning(
+                "re-dispatching job %s (attempt %s) after its server died", job.id, job.attempts
+            )
+            self._start(job, GenerationParams.from_dict(job.params), key)
+        for job_id in failed:
+            job = await asyncio.to_thread(self.jobs.get, job_id)
+            if job is not None and job.webhook:
+                self._notify(job.id)
+        return [job.id for job in claimed], failed
+
+    def _notify(self, job_id: int) -> None:
+        hook = asyncio.create_task(self._deliver_webhook(job_id))
+        self._webhooks.add(hook)
+        hook.add_done_callback(self._webhooks.discard)
 
     async def clear_queue(self) -> dict:
         """End every job still processing as failed (releasing its charge) and stop this

@@ -36,6 +36,12 @@ class GenerationParams:
     # LoRA adapters as (lora_id, strength) pairs, in request order
     loras: tuple[tuple[str, float], ...] = ()
 
+    @classmethod
+    def from_dict(cls, data: dict) -> GenerationParams:
+        """Back from the JSON a job row keeps (lists become tuples again)."""
+        loras = tuple((str(lora_id), float(weight)) for lora_id, weight in data.get("loras", ()))
+        return cls(**{**data, "loras": loras})
+
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call (same latents shape, timesteps)."""
         return (

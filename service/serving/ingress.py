@@ -4,6 +4,7 @@ hands generation to the generator deployment through its handle."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from decimal import Decimal
 
@@ -121,4 +122,14 @@ class Ingress:
         app = create_app(self.settings.max_body_bytes, self.settings.strict_http_status)
         app.state.service = self.service
         app.state.fleet = self.fleet
+        service = self.service
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_app):
+            # Heartbeats for this replica's jobs, and take-over of dead replicas' jobs.
+            maintenance = asyncio.create_task(service.maintain())
+            yield
+            maintenance.cancel()
+
+        app.router.lifespan_context = lifespan
         return app

@@ -5,10 +5,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, func, select, update
+from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, func, or_, select, text, update
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from service.config import Settings
@@ -46,6 +46,11 @@ class Job(Base):
     track_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The ingress replica running the job, refreshed while it runs: a processing job whose
+    # heartbeat stopped belongs to a dead process and is taken over (see JobStore.claim_orphans).
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class JobRecord:
     track_id: str | None
     created_at: datetime
     finished_at: datetime | None
+    owner: str | None = None
+    attempts: int = 1
 
     @classmethod
     def of(cls, job: Job) -> JobRecord:
@@ -88,6 +95,8 @@ class JobRecord:
             track_id=job.track_id,
             created_at=job.created_at,
             finished_at=job.finished_at,
+            owner=job.owner,
+            attempts=job.attempts,
         )
 
 
@@ -124,6 +133,7 @@ class JobStore:
         unit_price: Decimal,
         webhook: str | None = None,
         track_id: str | None = None,
+        owner: str | None = None,
     ) -> JobRecord:
         """Accept a request for `key`: check it may run and can pay for all images, then reserve.
 
@@ -158,6 +168,9 @@ class JobStore:
                 webhook_status="",
                 track_id=track_id,
                 created_at=now,
+                owner=owner,
+                heartbeat_at=now,
+                attempts=1,
             )
             session.add(job)
             session.flush()
@@ -226,6 +239,61 @@ class JobStore:
                 select(Job).where(Job.status == JobStatus.PROCESSING.value).order_by(Job.id)
             )
             return [JobRecord.of(job) for job in jobs]
+
+    def heartbeat(self, owner: str, job_ids: list[int]) -> None:
+        """Say that `owner` is still running these jobs."""
+        if not job_ids:
+            return
+        with self._sessions.begin() as session:
+            session.execute(
+                update(Job)
+                .where(
+                    Job.id.in_(job_ids),
+                    Job.owner == owner,
+                    Job.status == JobStatus.PROCESSING.value,
+                )
+                .values(heartbeat_at=self._clock())
+            )
+
+    def claim_orphans(
+        self, owner: str, stale_after_s: float, max_attempts: int
+    ) -> tuple[list[JobRecord], list[int]]:
+        """Take over processing jobs whose owner stopped sending heartbeats.
+
+        Each is either claimed for another attempt (returned first) or, after `max_attempts`,
+        failed with its charge released (ids returned second). Safe with several replicas:
+        a job is claimed by exactly one.
+        """
+        now = self._clock()
+        cutoff = now - timedelta(seconds=stale_after_s)
+        claimed: list[JobRecord] = []
+        failed: list[int] = []
+        with self._sessions.begin() as session:
+            query = (
+                select(Job)
+                .where(
+                    Job.status == JobStatus.PROCESSING.value,
+                    or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
+                )
+                .order_by(Job.id)
+                .with_for_update(skip_locked=True)
+            )
+            for job in session.scalars(query):
+                if job.attempts >= max_attempts:
+                    job.status = JobStatus.FAILED.value
+                    job.message = (
+                        f"Image generation failed: the server running it stopped "
+                        f"{job.attempts} times"
+                    )
+                    job.finished_at = now
+                    ledger.release(session, job.id, now=now)
+                    failed.append(job.id)
+                else:
+                    job.owner = owner
+                    job.heartbeat_at = now
+                    job.attempts += 1
+                    claimed.append(JobRecord.of(job))
+        return claimed, failed
 
 
 def _count_processing(session: Session, key_hash: str) -> int:

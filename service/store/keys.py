@@ -175,6 +175,12 @@ class KeyStore:
             row = session.get(ApiKey, key_id)
             return KeyRecord.of(row) if row else None
 
+    def by_hash(self, key_hash: str) -> KeyRecord | None:
+        """The key a job was accepted for (jobs keep the key's hash, never the key)."""
+        with self._sessions() as session:
+            row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+            return KeyRecord.of(row) if row else None
+
     def find(self, name_or_id: str | int) -> KeyRecord | None:
         """The key with this id (int) or name (str), revoked or not."""
         with self._sessions() as session:

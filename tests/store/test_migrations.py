@@ -6,6 +6,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from service.store.db import MIGRATIONS_DIR, Base, make_engine, migrate
@@ -14,7 +15,8 @@ from service.store.db import MIGRATIONS_DIR, Base, make_engine, migrate
 def test_migrated_schema_matches_the_models(db):
     with db.engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
-        assert context.get_current_revision() == "0002"
+        head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+        assert head == "0003" and context.get_current_revision() == head
         assert compare_metadata(context, Base.metadata) == []
 
 

@@ -1,0 +1,133 @@
+"""Jobs outlive the ingress process that accepted them: another replica (or the restarted
+one) takes over jobs whose heartbeat stopped, re-runs them, or fails and refunds them."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import numpy as np
+import pytest
+
+from service.api.errors import ApiError, ErrorKind
+from service.api.protocol import Text2ImgRequest
+from service.config import Settings
+from service.engine.protocol import GenerationOutput, GenerationParams
+from service.serving.ingress import build_image_service
+from service.store.jobs import JobStatus
+from tests.api.test_routes import KEY, write_model_configs
+
+
+async def never(_params: GenerationParams) -> GenerationOutput:
+    await asyncio.Event().wait()  # a replica that hangs until it dies
+    raise AssertionError("unreachable")
+
+
+async def works(params: GenerationParams) -> GenerationOutput:
+    images = [np.zeros((params.height, params.width, 3), np.uint8)] * params.samples
+    return GenerationOutput(images=images, seed=params.seed, batch_size=params.samples)
+
+
+@pytest.fixture()
+def settings(tmp_path):
+    write_model_configs(tmp_path / "model")
+    return Settings(
+        models={"stable-diffu": str(tmp_path / "model")},
+        database_url=f"sqlite:///{tmp_path}/db.sqlite",
+        image_store_url=str(tmp_path / "images"),
+        demo_key=KEY,
+        demo_key_balance_usd=1,
+        min_size=64,
+        orphan_after_s=0.2,
+        max_job_attempts=2,
+    )
+
+
+async def accept(service, n: int) -> list[int]:
+    body = {"key": KEY, "prompt": "x", "width": 64, "height": 64, "instant_response": "yes"}
+    ids = []
+    for _ in range(n):
+        response = await service.text2img(Text2ImgRequest(**body), {}, "v6")
+        assert response["status"] == "processing"
+        ids.append(response["id"])
+    return ids
+
+
+def crash(service) -> None:
+    """What a killed process leaves behind: its tasks stop, its job rows stay processing."""
+    for task in list(service._running.values()):
+        task.cancel()
+
+
+def test_orphans_of_a_dead_replica_are_re_run_and_charged_once(settings):
+    async def scenario():
+        dead = build_image_service(settings, never)
+        ids = await accept(dead, 3)
+        balance_after_reserve = dead.keys.find("demo").balance
+        crash(dead)
+        await asyncio.sleep(0)
+
+        alive = build_image_service(settings, works)
+        assert await alive.maintain_once() == ([], [])  # heartbeats still fresh
+        await asyncio.sleep(0.3)
+        claimed, failed = await alive.maintain_once()
+        assert sorted(claimed) == ids and failed == []
+        await alive.drain()
+        for job_id in ids:
+            job = alive.jobs.get(job_id)
+            assert job.status is JobStatus.SUCCESS and job.attempts == 2
+            assert job.owner == alive.owner
+        assert alive.keys.find("demo").balance == balance_after_reserve
+        assert Decimal(1) - balance_after_reserve == Decimal("0.0141")
+        assert alive.ledger.audit() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_job_whose_servers_keep_dying_is_failed_and_refunded(settings):
+    async def scenario():
+        first = build_image_service(settings, never)
+        [job_id] = await accept(first, 1)
+        crash(first)
+        await asyncio.sleep(0.3)
+        second = build_image_service(settings, never)
+        assert await second.maintain_once() == ([job_id], [])  # attempt 2 of 2
+        crash(second)
+        await asyncio.sleep(0.3)
+        third = build_image_service(settings, works)
+        assert await third.maintain_once() == ([], [job_id])
+        job = third.jobs.get(job_id)
+        assert job.status is JobStatus.FAILED and "stopped 2 times" in job.message
+        assert third.keys.find("demo").balance == Decimal(1)
+        assert third.ledger.audit() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_live_replica_keeps_its_jobs(settings):
+    async def scenario():
+        busy = build_image_service(settings, never)
+        ids = await accept(busy, 2)
+        other = build_image_service(settings, works)
+        for _ in range(3):
+            await asyncio.sleep(0.1)
+            await busy.maintain_once()  # heartbeats
+            assert await other.maintain_once() == ([], [])
+        assert {busy.jobs.get(i).status for i in ids} == {JobStatus.PROCESSING}
+        crash(busy)
+
+    asyncio.run(scenario())
+
+
+def test_a_saturated_replica_answers_429(settings):
+    async def scenario():
+        service = build_image_service(settings.model_copy(update={"max_inflight_jobs": 2}), never)
+        await accept(service, 2)
+        body = {"key": KEY, "prompt": "x", "width": 64, "height": 64, "instant_response": "yes"}
+        with pytest.raises(ApiError) as info:
+            await service.text2img(Text2ImgRequest(**body), {}, "v6")
+        assert info.value.kind is ErrorKind.RATE_LIMIT and info.value.retry_after > 0
+        assert "Server busy" in info.value.message
+        crash(service)
+
+    asyncio.run(scenario())
