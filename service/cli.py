@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_subcommands(commands)
 
+    from service.models_cli import add_subcommands as add_models_subcommands
+
+    add_models_subcommands(commands)
+
     args = parser.parse_args(argv)
     return args.run(args) or 0
 

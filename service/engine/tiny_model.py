@@ -174,6 +174,9 @@ def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
             "vae": ["diffusers", "AutoencoderKL"],
         },
     )
+    # safetensors writes owner-only files; a model folder is read by other users (containers).
+    for weights in path.rglob("*.safetensors"):
+        weights.chmod(0o644)
     return path
 
 

@@ -1,0 +1,164 @@
+"""`sdserve models list|import` through the real CLI entry point, with settings from SDSERVE_*
+environment variables as in a deployment, against temporary folders."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from service.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
+    from service.engine.checkpoint import export_single_file
+
+    return export_single_file(
+        tiny_model_dir, tmp_path_factory.mktemp("ckpt") / "community.safetensors"
+    )
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    """Set SDSERVE_* variables for one test; work in tmp_path (default out is models/<ID>)."""
+    monkeypatch.chdir(tmp_path)
+
+    def set_env(**values):
+        for name, value in values.items():
+            text = value if isinstance(value, str) else json.dumps(value)
+            monkeypatch.setenv(f"SDSERVE_{name.upper()}", text)
+
+    return set_env
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def list_json(capsys) -> dict:
+    code, out, _ = run(capsys, "models", "list", "--json")
+    document = json.loads(out)
+    document["code"] = code
+    return document
+
+
+def test_list_shows_defaults_prices_status_and_loras(env, capsys, tiny_model_dir, tmp_path):
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_file({"w": np.zeros((2, 2), dtype=np.float32)}, str(loras / "style.safetensors"))
+    (loras / "broken.safetensors").write_bytes((loras / "style.safetensors").read_bytes()[:-4])
+    env(
+        models={
+            "stable-diffu": str(tiny_model_dir),
+            "small": {
+                "path": str(tiny_model_dir),
+                "width": 512,
+                "height": 512,
+                "default_steps": 20,
+            },
+            "gone": str(tmp_path / "nowhere"),
+        },
+        prices_usd={"small": "0.01"},
+        lora_dir=str(loras),
+    )
+
+    code, out, _ = run(capsys, "models", "list")
+    assert code == 1  # a configured folder is missing
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "MODEL_ID", "SIZE", "NATIVE", "STEPS", "PREDICTION", "PRICE_USD", "STATUS", "PATH"
+    ]  # fmt: skip
+    assert lines[1].split()[:8] == [
+        "stable-diffu", "*", "768x768", "768x768", "30", "v_prediction", "0.0047", "ok"
+    ]  # fmt: skip
+    assert lines[2].split()[:7] == [
+        "small", "512x512", "768x768", "20", "v_prediction", "0.01", "ok"
+    ]  # fmt: skip
+    assert "missing: no such folder" in lines[3]
+    lora_lines = {line.split()[0]: line for line in lines if line.startswith(("style", "broken"))}
+    assert lora_lines["style"].split()[:2] == ["style", "ok"]
+    assert "truncated or padded safetensors file" in lora_lines["broken"]
+
+    document = list_json(capsys)
+    assert document["code"] == 1
+    assert document["default_model_id"] == "stable-diffu"
+    small = next(m for m in document["models"] if m["id"] == "small")
+    assert small | {"path": None} == {
+        "id": "small",
+        "default": False,
+        "path": None,
+        "width": 512,
+        "height": 512,
+        "native_width": 768,
+        "native_height": 768,
+        "default_steps": 20,
+        "prediction_type": "v_prediction",
+        "price_per_image_usd": "0.01",
+        "status": "ok",
+    }
+    assert [lora["id"] for lora in document["loras"]] == ["broken", "style"]
+
+
+def test_list_exits_0_when_every_model_is_servable(env, capsys, tiny_model_dir):
+    env(models={"stable-diffu": str(tiny_model_dir)})
+    code, out, _ = run(capsys, "models", "list")
+    assert code == 0
+    assert "no lora_dir configured" in out
+
+
+def test_import_writes_the_folder_and_prints_the_models_setting(
+    env, capsys, tiny_model_dir, checkpoint, tmp_path
+):
+    env(models={"stable-diffu": str(tiny_model_dir)})
+    code, out, err = run(capsys, "models", "import", str(checkpoint), "--id", "community")
+    assert code == 0, err
+    assert (tmp_path / "models" / "community" / "model_index.json").is_file()
+    assert "768x768, v_prediction" in out
+
+    # the printed value, set as the environment, serves both models
+    line = next(line for line in out.splitlines() if "SDSERVE_MODELS=" in line)
+    value = shlex.split(line.strip())[0].removeprefix("SDSERVE_MODELS=")
+    assert json.loads(value) == {
+        "stable-diffu": str(tiny_model_dir),
+        "community": "models/community",
+    }
+    env(models=value)
+    document = list_json(capsys)
+    assert document["code"] == 0
+    assert {m["id"]: m["status"] for m in document["models"]} == {
+        "stable-diffu": "ok",
+        "community": "ok",
+    }
+
+
+def test_import_refusals_are_clear_errors(env, capsys, tiny_model_dir, checkpoint, tmp_path):
+    env(models={"stable-diffu": str(tiny_model_dir)})
+    out_dir = tmp_path / "taken"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("mine")
+    args = ["models", "import", str(checkpoint), "--id", "x", "--out", str(out_dir)]
+
+    code, _, err = run(capsys, *args)
+    assert code == 1 and "exists and is not empty" in err and "--overwrite" in err
+
+    code, _, err = run(capsys, *args, "--base-model", "nope")
+    assert code == 1
+    assert "--base-model 'nope' is neither a configured model id (stable-diffu) nor a folder" in err
+
+    pickled = tmp_path / "model.ckpt"
+    pickled.write_bytes(b"not really a pickle")
+    code, _, err = run(capsys, "models", "import", str(pickled), "--id", "x")
+    assert code == 1 and f"error: {pickled}: not a .safetensors file" in err
+
+    # --overwrite, with the base given as a folder
+    code, _, err = run(capsys, *args, "--overwrite", "--base-model", str(tiny_model_dir))
+    assert code == 0, err
+    assert not (out_dir / "keep.txt").exists()
+    assert (out_dir / "unet" / "config.json").is_file()
