@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 from ray import serve
@@ -29,6 +30,7 @@ from service.store.ledger import Ledger
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 5.0
+IO_THREADS = 32
 REPLICA_ATTEMPTS = 3
 REPLICA_RETRY_DELAY_S = 1.0
 # A replica that died or was replaced mid-request: the request never ran to completion there,
@@ -126,6 +128,11 @@ class Ingress:
 
         @contextlib.asynccontextmanager
         async def lifespan(_app):
+            # Database and storage calls run in threads; the default pool (cores + 4) is
+            # too small for a few hundred jobs in flight.
+            asyncio.get_running_loop().set_default_executor(
+                ThreadPoolExecutor(IO_THREADS, thread_name_prefix="sdserve-io")
+            )
             # Heartbeats for this replica's jobs, and take-over of dead replicas' jobs.
             maintenance = asyncio.create_task(service.maintain())
             yield

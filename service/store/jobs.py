@@ -8,12 +8,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, func, or_, select, text, update
-from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from service.config import Settings
 from service.pricing import PlanLimits, usd_to_micros
-from service.store.db import Base
+from service.store.db import Base, Sessions
 from service.store.errors import ConcurrencyLimitExceeded, InvalidApiKey
 from service.store.keys import ApiKey, KeyRecord
 
@@ -26,6 +39,7 @@ class JobStatus(enum.StrEnum):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_key_hash_status", "key_hash", "status"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(String(36), unique=True)
@@ -86,7 +100,7 @@ class JobRecord:
             model_id=job.model_id,
             samples=job.samples,
             params=dict(job.params),
-            meta=dict(job.meta),
+            meta={**job.meta, "id": job.id},  # the id is known only once the row exists
             output_names=list(job.output_names),
             generation_time=job.generation_time,
             message=job.message,
@@ -109,7 +123,7 @@ class JobStore:
 
     def __init__(
         self,
-        sessions: sessionmaker,
+        sessions: Sessions,
         limits: PlanLimits | Settings,
         *,
         clock: Callable[[], datetime] | None = None,
@@ -174,7 +188,6 @@ class JobStore:
             )
             session.add(job)
             session.flush()
-            job.meta = {**meta, "id": job.id}
             ledger.reserve(
                 session,
                 row,
@@ -188,25 +201,27 @@ class JobStore:
             return JobRecord.of(job)
 
     def get(self, job_id: int) -> JobRecord | None:
-        with self._sessions() as session:
+        with self._sessions.read() as session:
             job = session.get(Job, job_id)
             return JobRecord.of(job) if job else None
 
     def finish(
         self, job_id: int, *, generation_time: float, meta_updates: dict | None = None
-    ) -> bool:
-        """Mark a processing job successful and settle its charge; False if it had ended."""
+    ) -> JobRecord | None:
+        """Mark a processing job successful and settle its charge; returns the finished job,
+        or None if it had already ended."""
         with self._sessions.begin() as session:
             job = session.get(Job, job_id, with_for_update=True)
             if job is None or job.status != JobStatus.PROCESSING:
-                return False
+                return None
             now = self._clock()
             job.status = JobStatus.SUCCESS.value
             job.generation_time = generation_time
             job.meta = {**job.meta, **(meta_updates or {})}
             job.finished_at = now
             ledger.settle(session, job_id, now=now)
-            return True
+            session.flush()
+            return JobRecord.of(job)
 
     def fail(self, job_id: int, message: str) -> bool:
         """Mark a processing job failed and refund its reservation; False if it had ended."""
@@ -229,12 +244,12 @@ class JobStore:
 
     def count_processing(self, key_hash: str) -> int:
         """Requests of a key queued or running (`/api/v6/processing/request_count`)."""
-        with self._sessions() as session:
+        with self._sessions.read() as session:
             return _count_processing(session, key_hash)
 
     def processing(self) -> list[JobRecord]:
         """Every job still processing (after a restart: the orphans to re-dispatch or fail)."""
-        with self._sessions() as session:
+        with self._sessions.read() as session:
             jobs = session.scalars(
                 select(Job).where(Job.status == JobStatus.PROCESSING.value).order_by(Job.id)
             )

@@ -12,10 +12,10 @@ from decimal import Decimal
 
 from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, Integer, String, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from service.pricing import Plan, micros_to_usd, usd_to_micros
-from service.store.db import Base
+from service.store.db import Base, Sessions
 from service.store.errors import KeyNameTaken, KeyNotFound
 
 KEY_PREFIX = "sk-"
@@ -90,7 +90,7 @@ def find_key(session: Session, name_or_id: str | int, *, lock: bool = False) -> 
 class KeyStore:
     """Creates, seeds, authenticates, revokes and tops up API keys."""
 
-    def __init__(self, sessions: sessionmaker, *, clock: Callable[[], datetime] | None = None):
+    def __init__(self, sessions: Sessions, *, clock: Callable[[], datetime] | None = None):
         self._sessions = sessions
         self._clock = clock or (lambda: datetime.now(UTC))
 
@@ -142,7 +142,7 @@ class KeyStore:
         if not plaintext:
             return None
         key_hash = hash_key(plaintext)
-        with self._sessions() as session:
+        with self._sessions.read() as session:
             row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
             if row is None or not hmac.compare_digest(row.key_hash, key_hash):
                 return None
@@ -171,24 +171,24 @@ class KeyStore:
             return KeyRecord.of(row)
 
     def get(self, key_id: int) -> KeyRecord | None:
-        with self._sessions() as session:
+        with self._sessions.read() as session:
             row = session.get(ApiKey, key_id)
             return KeyRecord.of(row) if row else None
 
     def by_hash(self, key_hash: str) -> KeyRecord | None:
         """The key a job was accepted for (jobs keep the key's hash, never the key)."""
-        with self._sessions() as session:
+        with self._sessions.read() as session:
             row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
             return KeyRecord.of(row) if row else None
 
     def find(self, name_or_id: str | int) -> KeyRecord | None:
         """The key with this id (int) or name (str), revoked or not."""
-        with self._sessions() as session:
+        with self._sessions.read() as session:
             row = find_key(session, name_or_id)
             return KeyRecord.of(row) if row else None
 
     def list(self) -> list[KeyRecord]:
-        with self._sessions() as session:
+        with self._sessions.read() as session:
             return [
                 KeyRecord.of(row) for row in session.scalars(select(ApiKey).order_by(ApiKey.id))
             ]

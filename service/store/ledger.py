@@ -29,10 +29,10 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.orm import Mapped, Session, aliased, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
 
 from service.pricing import Plan, PlanLimits, format_usd, micros_to_usd
-from service.store.db import Base
+from service.store.db import Base, Sessions
 from service.store.errors import InsufficientCredit, KeyNotFound
 from service.store.jobs import Job, JobStatus
 from service.store.keys import ApiKey, find_key
@@ -270,7 +270,7 @@ def _outcome(held: LedgerEntry, kind: EntryKind, *, amount_micros: int, now: dat
 class Ledger:
     """Read side of the ledger: usage reports, a key's entries and a consistency audit."""
 
-    def __init__(self, sessions: sessionmaker):
+    def __init__(self, sessions: Sessions):
         self._sessions = sessions
 
     def usage(
@@ -297,7 +297,7 @@ class Ledger:
         )
         if since is not None:
             query = query.where(LedgerEntry.created_at >= _as_utc_datetime(since))
-        with self._sessions() as session:
+        with self._sessions.read() as session:
             if key is not None:
                 row = find_key(session, key)
                 if row is None:
@@ -322,13 +322,13 @@ class Ledger:
             query = query.where(LedgerEntry.key_id == key_id)
         if job_id is not None:
             query = query.where(LedgerEntry.job_id == job_id)
-        with self._sessions() as session:
+        with self._sessions.read() as session:
             return [EntryRecord.of(row) for row in session.scalars(query)]
 
     def free_images_used(self, key_id: int, now: datetime | None = None) -> int:
         """Images of the free allowance a key has used in the calendar month (UTC) of `now`."""
         since = PlanLimits.month_start(now or datetime.now(UTC))
-        with self._sessions() as session:
+        with self._sessions.read() as session:
             return free_images_used(session, key_id, since=since)
 
     def audit(self) -> list[str]:
@@ -355,7 +355,7 @@ class Ledger:
             )
             .where(outcome.id.is_(None))
         )
-        with self._sessions() as session:
+        with self._sessions.read() as session:
             for name, balance, total in session.execute(query):
                 if int(balance) != int(total or 0):
                     problems.append(f"key {name!r}: balance {balance} != ledger sum {total}")

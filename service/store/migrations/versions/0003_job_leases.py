@@ -1,4 +1,5 @@
-"""jobs: owner, heartbeat and attempts, so orphaned jobs are found after a crash
+"""jobs: owner, heartbeat and attempts, so orphaned jobs are found after a crash; an index
+for the per-key concurrency count
 
 Revision ID: 0003
 Revises: 0002
@@ -20,9 +21,12 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("1"))
         )
+    # the per-key concurrency check counts a key's processing jobs on every request
+    op.create_index("ix_jobs_key_hash_status", "jobs", ["key_hash", "status"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_jobs_key_hash_status", table_name="jobs")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("attempts")
         batch.drop_column("heartbeat_at")
