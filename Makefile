@@ -36,12 +36,12 @@ browser:
 		chromium chromium-driver; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check service tests
-	$(BIN)/ruff format --check service tests
+	$(BIN)/ruff check service tests loadtests benchmarks
+	$(BIN)/ruff format --check service tests loadtests benchmarks
 
 format: $(STAMP)
-	$(BIN)/ruff format service tests
-	$(BIN)/ruff check --fix service tests
+	$(BIN)/ruff format service tests loadtests benchmarks
+	$(BIN)/ruff check --fix service tests loadtests benchmarks
 
 clean:
 	rm -rf $(VENV) data models build
