@@ -6,11 +6,12 @@ application builder, so a Serve config file can override any field through its `
 
 from __future__ import annotations
 
+import ipaddress
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_ID = "stable-diffu"
@@ -53,9 +54,35 @@ class Settings(BaseSettings):
     default_model_id: str = Field(DEFAULT_MODEL_ID, description="Used when model_id is omitted.")
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="'auto' is float16 on cuda and float32 on cpu."
+        "auto",
+        description="'auto' is bfloat16 on cuda with the optimized path (float16 without it) "
+        "and float32 on cpu.",
     )
     warmup: bool = Field(True, description="Run one tiny generation per model at replica start.")
+
+    # engine optimizations (service/engine/optimize.py; gains measured by benchmarks/sd2_bench.py)
+    optimize: Literal["auto", "on", "off"] = Field(
+        "auto", description="The optimized engine path; 'auto' is on for cuda, off for cpu."
+    )
+    compile: bool = Field(True, description="torch.compile (Inductor) the UNet when optimizing.")
+    compile_mode: Literal[
+        "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"
+    ] = Field("default", description="Inductor mode; the max-autotune ones start much slower.")
+    compile_cache_dir: str | None = Field(
+        None, description="Persistent Inductor/Triton cache folder (fast warm starts)."
+    )
+    cuda_graphs: bool = Field(True, description="Replay the UNet as CUDA graphs per batch bucket.")
+    triton_kernels: bool = Field(True, description="Fused GroupNorm+SiLU Triton kernel.")
+    attention: Literal["sdpa", "flash", "efficient", "cudnn", "math", "classic"] = Field(
+        "sdpa", description="'sdpa' lets torch pick the kernel; the others pin one."
+    )
+    batch_buckets: list[int] = Field(
+        default_factory=lambda: [2, 4, 8, 16, 32],
+        description="UNet rows (2 per guided image) batches are padded to for CUDA graphs.",
+    )
+    max_compiled_sizes: int = Field(
+        2, ge=0, description="Latent sizes compiled and graphed per model; others run eager."
+    )
 
     # request bounds (operator-configurable; see docs/api.md)
     min_size: int = Field(256, description="Smallest width/height in pixels.")
@@ -128,6 +155,40 @@ class Settings(BaseSettings):
         False, description="Answer errors with 4xx codes instead of ModelsLab's HTTP 200."
     )
 
+    # webhooks and safety
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names, IP addresses and CIDR networks (JSON list) a webhook may reach "
+        "although they are loopback, private, link-local, CGNAT or metadata addresses, e.g. "
+        '["127.0.0.1"] for a receiver on this machine. Empty: webhooks reach public addresses '
+        "only.",
+    )
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _allowed_hosts_are_hosts_or_networks(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            text = entry.strip().strip("[]")
+            if not text or any(c in text for c in " /:@?#") and not _is_network(text):
+                raise ValueError(f"{entry!r} is neither a host name nor an IP address or network")
+        return [entry.strip().lower() for entry in entries]
+
+    def engine_optimizations(self) -> dict:
+        """Keyword arguments of `OptimizationConfig.for_device` from the settings above."""
+        options = {
+            "compile": self.compile,
+            "compile_mode": self.compile_mode,
+            "compile_cache_dir": self.compile_cache_dir,
+            "cuda_graphs": self.cuda_graphs,
+            "triton_kernels": self.triton_kernels,
+            "attention": self.attention,
+            "batch_buckets": tuple(self.batch_buckets),
+            "max_compiled_sizes": self.max_compiled_sizes,
+        }
+        if self.optimize != "auto":
+            options["enabled"] = self.optimize == "on"
+        return options
+
     def model_specs(self) -> dict[str, ModelSpec]:
         return {
             model_id: spec if isinstance(spec, ModelSpec) else ModelSpec(path=spec)
@@ -149,6 +210,14 @@ class Settings(BaseSettings):
             if self.preload_models is not None
             else [self.default_model_id]
         )
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def load_settings(**overrides) -> Settings:

@@ -105,7 +105,10 @@ class Metrics:
             "images_generated_total", "Images generated.", ("model", "resolution")
         )
         self.batch_size = histogram(
-            "batch_size", "Images per pipeline call.", BATCH_SIZE_BUCKETS, ("model",)
+            "batch_size",
+            "Images per pipeline call (request batching) or per UNet step (step batching).",
+            BATCH_SIZE_BUCKETS,
+            ("model",),
         )
         self.queue_depth = gauge("generator_queue_depth", "Requests waiting in a generator.")
         self.inflight = gauge("inflight_jobs", "Jobs accepted by an ingress and not ended.")
@@ -183,6 +186,25 @@ class Metrics:
         cost = seconds / 3600 * float(gpu_hour_price_usd)
         if _positive(cost):
             self.cost_to_serve.inc(cost, {"model": model})
+        self.stage_duration.observe(seconds, {"stage": "inference", "model": model})
+
+    @_never_raises
+    def step_done(
+        self, model: str, images: int, seconds: float, gpu_hour_price_usd: Decimal
+    ) -> None:
+        """One iteration of step-level batching: its UNet batch (images) and its time."""
+        if images:
+            self.batch_size.observe(images, {"model": model})
+        if _positive(seconds):
+            self.gpu_seconds.inc(seconds, {"model": model})
+        cost = seconds / 3600 * float(gpu_hour_price_usd)
+        if _positive(cost):
+            self.cost_to_serve.inc(cost, {"model": model})
+
+    @_never_raises
+    def images_done(self, model: str, resolution: str, images: int, seconds: float) -> None:
+        """A request's images, decoded under step-level batching (admission to images)."""
+        self.images.inc(images, {"model": model, "resolution": resolution})
         self.stage_duration.observe(seconds, {"stage": "inference", "model": model})
 
     @_never_raises

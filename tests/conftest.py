@@ -12,6 +12,9 @@ import pytest
 
 # Nothing in the tests may reach for a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run on CPU through Triton's interpreter (tests/engine/test_kernels.py); it must
+# be on before anything imports Triton. Engines use the kernels only where asked to.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 

@@ -113,10 +113,22 @@ def _coerce_text(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: JSON allows them, nothing else does
+            raise ValueError("must be valid Unicode text") from None
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     raise ValueError("must be a string")
+
+
+def _coerce_name(value: Any) -> str | None:
+    """Keys, ids and names: text that also goes into indexed text columns, so no NUL."""
+    text = _coerce_text(value)
+    if text is not None and "\x00" in text:
+        raise ValueError("must not contain NUL characters")
+    return text
 
 
 def _coerce_seed(value: Any) -> int | None:
@@ -134,6 +146,7 @@ Int = Annotated[int | None, BeforeValidator(_coerce_int)]
 Float = Annotated[float | None, BeforeValidator(_coerce_float)]
 Toggle = Annotated[bool | None, BeforeValidator(_coerce_bool)]
 Text = Annotated[str | None, BeforeValidator(_coerce_text)]
+Name = Annotated[str | None, BeforeValidator(_coerce_name)]
 Seed = Annotated[int | None, BeforeValidator(_coerce_seed)]
 
 
@@ -155,7 +168,7 @@ class KeyedRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    key: Text = Field(
+    key: Name = Field(
         None,
         description="API key. Also accepted as an `Authorization: Bearer` or a `key:` header.",
         json_schema_extra={"examples": ["YOUR_API_KEY"]},
@@ -168,7 +181,7 @@ class KeyedRequest(BaseModel):
 class Text2ImgRequest(KeyedRequest):
     """`POST /api/v6/images/text2img` and its v3/v4/v7 twins."""
 
-    model_id: Text = Field(
+    model_id: Name = Field(
         None,
         description="A served model (`POST /api/v4/dreambooth/model_list` lists them); omitted: "
         "the server's default model. The v3 route always uses the default model.",
@@ -235,7 +248,7 @@ class Text2ImgRequest(KeyedRequest):
         "used is in `meta.seed`; image i uses seed + i, so a seed repeats its images.",
         json_schema_extra={"maximum": MAX_SEED, "examples": [12345]},
     )
-    scheduler: Text = Field(
+    scheduler: Name = Field(
         None,
         description="A diffusers scheduler class name (the `Scheduler` suffix and letter case "
         f"are optional): {', '.join(SCHEDULERS)}.",
@@ -251,7 +264,7 @@ class Text2ImgRequest(KeyedRequest):
         'or "1"/"0".',
         json_schema_extra={"default": True},
     )
-    algorithm_type: Text = Field(
+    algorithm_type: Name = Field(
         None,
         description='"none", or "dpmsolver+++" (SDE DPM++ 2M) with DPMSolverMultistepScheduler; '
         "the diffusers names dpmsolver++, sde-dpmsolver++, dpmsolver and sde-dpmsolver too.",
@@ -263,13 +276,13 @@ class Text2ImgRequest(KeyedRequest):
         "depth).",
         json_schema_extra={"default": 1, "minimum": 1, "maximum": 8},
     )
-    lora_model: Text = Field(
+    lora_model: Name = Field(
         None,
         description="Comma-separated LoRA ids, from the server's LoRA folder (SDSERVE_LORA_DIR; "
         "`model_list` lists them). Omitted: no LoRA.",
         json_schema_extra={"examples": [None]},
     )
-    lora_strength: Text = Field(
+    lora_strength: Name = Field(
         None,
         description="One strength for every LoRA, or one per `lora_model` id, each 0.1-1.",
         json_schema_extra={"examples": [None]},
@@ -280,7 +293,7 @@ class Text2ImgRequest(KeyedRequest):
         "and `meta.not_applied` says the check did not run.",
         json_schema_extra={"default": False},
     )
-    safety_checker_type: Text = Field(
+    safety_checker_type: Name = Field(
         None,
         description="blur, pixelate, black or sensitive_content_text (needs a checker).",
         json_schema_extra={"examples": ["sensitive_content_text"]},
@@ -295,13 +308,13 @@ class Text2ImgRequest(KeyedRequest):
         description='"yes": output links expire after 24 hours.',
         json_schema_extra={"default": False},
     )
-    webhook: Text = Field(
+    webhook: Name = Field(
         None,
         description="http(s) URL that receives a POST of the fetch body (plus `track_id`) when "
         "the job ends; retried with backoff, `webhook_status` says how it went.",
         json_schema_extra={"examples": [None]},
     )
-    track_id: Text = Field(
+    track_id: Name = Field(
         None,
         description="Any id of yours, echoed in the webhook body.",
         json_schema_extra={"examples": [None]},
@@ -475,7 +488,7 @@ class FetchRequest(KeyedRequest):
 class UsageRequest(KeyedRequest):
     """`POST /api/v1/enterprise/usage`: delivered images and their price per key and model."""
 
-    key_name: Text = Field(None, description="Only this key (its name).")
+    key_name: Name = Field(None, description="Only this key (its name).")
     since: date | None = Field(None, description="Only images settled on or after this UTC date.")
 
 

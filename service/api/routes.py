@@ -28,6 +28,7 @@ from service.api.protocol import (
     UsageRequest,
 )
 from service.api.text2img import ImageService
+from service.store.images import IMAGE_NAME
 
 # Every /api/ route's 4xx and 413 error envelopes are added by service.api.docs.
 JOB_RESPONSES = {
@@ -189,7 +190,7 @@ async def model_list(request: Request, body: Annotated[KeyedRequest | None, Body
 
 @router.post(
     "/api/v3/system_load",
-    response_model=SystemLoadResponse,
+    response_model=SystemLoadResponse | ErrorResponse,
     responses=_keyed_responses({"queue_num": 2, "queue_time": 3.5, "status": "ok"}),
     tags=["v3"],
 )
@@ -265,14 +266,39 @@ async def usage(request: Request, body: Annotated[UsageRequest | None, Body()] =
     return await service.usage(body.key_name, body.since)
 
 
-@router.get("/images/{name:path}", tags=["images"], include_in_schema=True)
+IMAGE_NOT_FOUND = {"status": "error", "message": "Not found", "messege": "Not found"}
+IMAGE_RESPONSES = {
+    200: {
+        "description": "The PNG, or for a `.base64` name the PNG's base64 text.",
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "text/plain": {"schema": {"type": "string"}},
+        },
+    },
+    404: {
+        "description": "No such image (yet): a future link before its image exists, an expired "
+        "`temp` link, or a name that is not an output name.",
+        "model": ErrorResponse,
+    },
+}
+
+
+@router.get(
+    "/images/{name:path}",
+    tags=["images"],
+    response_class=Response,
+    responses=IMAGE_RESPONSES,
+)
 async def image(request: Request, name: str):
-    """An output file; future links answer 404 until their image exists."""
-    data = await _read_image(_service(request), name)
+    """An output file; future links answer 404 until their image exists.
+
+    Only output names (`{32 hex}-{i}.png|.base64`, optionally under `temp/`) are ever looked up,
+    so no name, encoded or not, reaches outside the image store."""
+    data = None
+    if IMAGE_NAME.fullmatch(name):
+        data = await _read_image(_service(request), name)
     if data is None:
-        return JSONResponse(
-            {"status": "error", "message": "Not found", "messege": "Not found"}, 404
-        )
+        return JSONResponse(IMAGE_NOT_FOUND, 404)
     if name.endswith(".base64"):
         return PlainTextResponse(data.decode("ascii"))
     return Response(

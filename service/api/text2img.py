@@ -17,10 +17,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import date
 
-import httpx
+from sqlalchemy.exc import OperationalError
 
 from service.api.errors import ApiError, ErrorKind
 from service.api.protocol import FetchRequest, KeyedRequest, RequestError, Text2ImgRequest
+from service.api.webhooks import WebhookPolicy, WebhookRefused, WebhookSender
 from service.config import Settings
 from service.engine.protocol import GenerationOutput, GenerationParams
 from service.metrics import Metrics, NoMetrics, resolution_bucket
@@ -34,12 +35,16 @@ from service.store.errors import (
 )
 from service.store.images import ImageStore, output_names
 from service.store.jobs import JobRecord, JobStatus, JobStore
-from service.store.keys import KeyRecord, KeyStore
+from service.store.keys import KeyRecord, KeyStore, hash_key
 from service.store.ledger import Ledger, usage_document
 
 log = logging.getLogger(__name__)
 
 GenerateFn = Callable[[GenerationParams], Awaitable[GenerationOutput]]
+
+MAX_JOB_ID = 2**63 - 1
+KEY_CACHE_TTL_S = 5.0
+KEY_CACHE_SIZE = 10_000
 
 # Each API generation answers with fetch links of its own family.
 FETCH_PATHS = {
@@ -49,6 +54,10 @@ FETCH_PATHS = {
     "v4": "/api/v4/dreambooth/fetch/{id}",
     "enterprise": "/api/v1/enterprise/images/fetch/{id}",
 }
+
+
+class ImageStoreError(RuntimeError):
+    """Images could not be written; the job fails and is refunded."""
 
 
 class ImageService:
@@ -76,19 +85,42 @@ class ImageService:
         self.metrics = metrics or NoMetrics()
         self._base_url = settings.public_base_url.rstrip("/")
         self._running: dict[int, asyncio.Task] = {}
+        # requests past the max_inflight_jobs check whose job row is being written: they count
+        # against the bound too, or a burst passes the check before any of them has started
+        self._admitting = 0
         self._webhooks: set[asyncio.Task] = set()
+        self._known_keys: dict[str, tuple[KeyRecord, float]] = {}
         # who runs a job: its heartbeats say this process is alive (see maintain)
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     # ---- auth ---------------------------------------------------------------------------------
 
-    async def authenticate(self, body: KeyedRequest, headers: dict[str, str]) -> KeyRecord:
+    async def authenticate(
+        self, body: KeyedRequest, headers: dict[str, str], *, may_cache: bool = False
+    ) -> KeyRecord:
+        """The key's record, or an "Invalid API key" error.
+
+        `may_cache` lets a key known valid a moment ago skip the database: only for text2img,
+        whose job creation re-reads and locks the key row (so a revoked key is still refused
+        at once there) and bills against the balance stored, never the cached one.
+        """
         plaintext = body.key or _key_from_headers(headers)
         if not plaintext:
             raise ApiError(ErrorKind.AUTH, "Invalid API key: key is required")
-        record = await asyncio.to_thread(self.keys.authenticate, plaintext.strip())
+        plaintext = plaintext.strip()
+        now = time.monotonic()
+        digest = hash_key(plaintext)  # the cache never holds a key itself
+        if may_cache:
+            cached = self._known_keys.get(digest)
+            if cached is not None and cached[1] > now:
+                return cached[0]
+        record = await asyncio.to_thread(self.keys.authenticate, plaintext)
         if record is None:
+            self._known_keys.pop(digest, None)
             raise ApiError(ErrorKind.AUTH, "Invalid API key")
+        if len(self._known_keys) >= KEY_CACHE_SIZE:
+            self._known_keys.clear()
+        self._known_keys[digest] = (record, now + KEY_CACHE_TTL_S)
         return record
 
     async def authenticate_admin(self, body: KeyedRequest, headers: dict[str, str]) -> KeyRecord:
@@ -110,7 +142,7 @@ class ImageService:
         self, body: Text2ImgRequest, headers: dict[str, str], family: str, route: str = ""
     ) -> dict:
         started = time.perf_counter()
-        key = await self.authenticate(body, headers)
+        key = await self.authenticate(body, headers, may_cache=True)
         if body.ignored_fields():
             log.info("ignored unknown fields: %s", ", ".join(body.ignored_fields()))
         try:
@@ -119,18 +151,25 @@ class ImageService:
             )
         except RequestError as exc:
             raise ApiError(ErrorKind.VALIDATION, str(exc)) from None
+        if options["webhook"]:
+            try:
+                self.webhook_policy().parse(options["webhook"])
+            except WebhookRefused as exc:
+                raise ApiError(ErrorKind.VALIDATION, str(exc)) from None
         self.metrics.stage("validation", params.model_id, time.perf_counter() - started)
 
-        if len(self._running) >= self.settings.max_inflight_jobs:
+        inflight = len(self._running) + self._admitting
+        if inflight >= self.settings.max_inflight_jobs:
             raise ApiError(
                 ErrorKind.RATE_LIMIT,
-                f"Server busy: {len(self._running)} jobs are queued or running; retry later",
+                f"Server busy: {inflight} jobs are queued or running; retry later",
                 retry_after=self._eta(params) * 2,
             )
         job_uuid = str(uuid.uuid4())
         file_prefix = uuid.uuid4().hex
         names = output_names(file_prefix, params.samples, options["base64"], options["temp"])
         meta = self._meta(params, options, current_request_id() or job_uuid, file_prefix)
+        self._admitting += 1
         try:
             job = await asyncio.to_thread(
                 self.jobs.create,
@@ -158,8 +197,10 @@ class ImageService:
             raise ApiError(ErrorKind.CREDIT, str(exc)) from None
         except InvalidApiKey:  # revoked between authenticate and create
             raise ApiError(ErrorKind.AUTH, "Invalid API key") from None
+        finally:
+            self._admitting -= 1
 
-        task = self._start(job, params, key)
+        task = self._start(job, params, key)  # no await since the finally: the count holds
 
         if options["instant_response"]:
             body = self._processing_body(job, family, "Request accepted; fetch the result later")
@@ -175,7 +216,7 @@ class ImageService:
             except Exception:
                 body = await self.job_body(job.id, family)  # the job row says how it failed
             else:
-                body = await self.job_body(job.id, family)
+                body = await self.job_body(job.id, family, task.result())
         self.metrics.request_done(
             route, params.model_id, body["status"], time.perf_counter() - started
         )
@@ -222,15 +263,22 @@ class ImageService:
             "not_applied": options["not_applied"],
         }
 
-    async def _run(self, job: JobRecord, params: GenerationParams, key: KeyRecord) -> None:
+    async def _run(
+        self, job: JobRecord, params: GenerationParams, key: KeyRecord
+    ) -> JobRecord | None:
         """Generate, store, settle; on any failure mark the job failed (which releases its
-        reservation). Exactly one of the two happens, whatever else runs concurrently."""
+        reservation). Exactly one of the two happens, whatever else runs concurrently.
+        Returns the finished job, or None if something else ended it first."""
         started = time.perf_counter()
         resolution = resolution_bucket(params.width, params.height)
         try:
             output = await self._generate(params)
             stored = time.perf_counter()
-            await asyncio.to_thread(self._store_images, job.output_names, output.images)
+            try:
+                await asyncio.to_thread(self._store_images, job.output_names, output.images)
+            except OSError as exc:  # its text names server paths: keep it in the log only
+                log.exception("job %s: image store write failed", job.id)
+                raise ImageStoreError("the image store could not be written") from exc
             self.metrics.stage("storage", params.model_id, time.perf_counter() - stored)
             updates = {
                 "seed": output.seed,
@@ -255,6 +303,7 @@ class ImageService:
                 charged = unit_price * params.samples if key.plan is Plan.PAY_PER_USE else 0
                 self.metrics.billed(params.model_id, key.plan.value, charged)
             self.metrics.job_done(params.model_id, resolution, "success", elapsed)
+            return settled
         finally:
             if job.webhook:
                 self._notify(job.id)
@@ -274,6 +323,8 @@ class ImageService:
         job_id = job_id if job_id is not None else body.request_id
         if job_id is None:
             raise ApiError(ErrorKind.VALIDATION, "request_id is required")
+        if not 1 <= job_id <= MAX_JOB_ID:  # beyond the id column: no such job, say so
+            raise ApiError(ErrorKind.NOT_FOUND, f"Request id {job_id} not found")
         job = await asyncio.to_thread(self.jobs.get, job_id)
         # Another key's job is reported exactly like a missing one.
         if job is None or job.key_hash != key.key_hash:
@@ -342,30 +393,47 @@ class ImageService:
 
     # ---- webhooks -----------------------------------------------------------------------------
 
+    def webhook_policy(self) -> WebhookPolicy:
+        """Which webhook URLs this server may POST to (see service.api.webhooks)."""
+        return WebhookPolicy(self.settings.webhook_allowed_hosts)
+
     async def _deliver_webhook(self, job_id: int) -> None:
         """POST the fetch body (failure: status failed) a bounded number of times with backoff;
-        a 2xx within the timeout counts as delivered. Never affects the job itself."""
-        job = await asyncio.to_thread(self.jobs.get, job_id)
-        payload = await self.job_body(job_id, "v6", job)
-        payload["track_id"] = job.track_id
+        a 2xx within the timeout counts as delivered. Never affects the job itself.
+
+        A job still processing is not announced: its run stopped before it could end (the
+        database was unreachable, the process is stopping) and whoever takes it over notifies.
+        """
+        settings = self.settings
+        sender = WebhookSender(
+            self.webhook_policy(),
+            attempts=settings.webhook_attempts,
+            timeout_s=settings.webhook_timeout_s,
+            backoff_s=settings.webhook_backoff_s,
+        )
+        try:
+            job = await self._job_for_webhook(job_id)
+            if job is None or job.status is JobStatus.PROCESSING or not job.webhook:
+                return
+            payload = await self.job_body(job_id, "v6", job)
+            payload["track_id"] = job.track_id
+            status = await sender.deliver(job.webhook, payload, label=f"for job {job_id}")
+            await asyncio.to_thread(self.jobs.set_webhook_status, job_id, status)
+        except Exception:
+            log.exception("webhook for job %s could not be handled", job_id)
+
+    async def _job_for_webhook(self, job_id: int) -> JobRecord | None:
+        """The job row, read again a few times while the database cannot be reached."""
         delay = self.settings.webhook_backoff_s
-        status = "failed"
-        async with httpx.AsyncClient(
-            timeout=self.settings.webhook_timeout_s, follow_redirects=False
-        ) as client:
-            for attempt in range(1, self.settings.webhook_attempts + 1):
-                try:
-                    response = await client.post(job.webhook, json=payload)
-                    if 200 <= response.status_code < 300:
-                        status = "success"
-                        break
-                    log.warning("webhook for job %s got HTTP %s", job_id, response.status_code)
-                except httpx.HTTPError as exc:
-                    log.warning("webhook for job %s failed: %s", job_id, type(exc).__name__)
-                if attempt < self.settings.webhook_attempts:
-                    await asyncio.sleep(delay)
-                    delay *= 2
-        await asyncio.to_thread(self.jobs.set_webhook_status, job_id, status)
+        for attempt in range(1, self.settings.webhook_attempts + 1):
+            try:
+                return await asyncio.to_thread(self.jobs.get, job_id)
+            except OperationalError:
+                if attempt == self.settings.webhook_attempts:
+                    raise
+                await asyncio.sleep(delay)
+                delay *= 2
+        return None
 
     # ---- jobs of dead processes -----------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from service.engine.kernels import group_norm_silu, triton_runs_on
+from service.engine.kernels import group_norm_silu, group_norm_silu_triton, triton_runs_on
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class RunnerStats:
     compiled_calls: int = 0
     graph_replays: int = 0
     graph_captures: int = 0
-    compiled_sizes: list[tuple[int, int]] = field(default_factory=list)
+    compiled_sizes: list[tuple[int, int]] = field(default_factory=list)  # compiled/graphed
     capture_seconds: float = 0.0
     compile_error: str | None = None
     graph_error: str | None = None
@@ -155,8 +155,8 @@ def apply_optimizations(
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
         if config.triton_kernels:
-            fuse_group_norm_silu(pipe.unet, group_norm_silu)
-            fuse_group_norm_silu(pipe.vae.decoder, group_norm_silu)
+            fuse_group_norm_silu(pipe.unet, group_norm_silu_triton)
+            fuse_group_norm_silu(pipe.vae.decoder, group_norm_silu_triton)
         if config.compile and config.compile_vae:
             pipe.vae.decoder.compile(
                 backend=config.compile_backend, mode=_inductor_mode(config.compile_mode)
@@ -262,7 +262,9 @@ def _fusable_resnet(block: nn.Module) -> bool:
         isinstance(block.norm1, nn.GroupNorm)
         and isinstance(block.norm2, nn.GroupNorm)
         and isinstance(block.nonlinearity, nn.SiLU)
-        and block.time_embedding_norm == "default"
+        # "default", or no time embedding at all (the VAE's "group" blocks behave the same)
+        and (block.time_embedding_norm == "default" or block.time_emb_proj is None)
+        and block.time_embedding_norm != "scale_shift"
         and block.upsample is None
         and block.downsample is None
     )
@@ -306,6 +308,14 @@ def _plain_norm(fused: GroupNormSiLU) -> nn.GroupNorm:
     norm = nn.GroupNorm(fused.num_groups, fused.weight.shape[0], fused.eps)
     norm.weight, norm.bias = fused.weight, fused.bias
     return norm
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with its last row repeated up to `rows` rows."""
+    missing = rows - tensor.shape[0]
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
 
 
 class _CapturedUNet:
@@ -381,28 +391,48 @@ class PipelineRunner:
             )[0]
 
     def _optimized(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
-        size = tuple(sample.shape[-2:])
-        forward = self._forward_for(size)
+        """Rows padded up to a bucket (repeating the last row), then a graph replay or a call of
+        the compiled UNet. A latent size past the first `max_compiled_sizes` runs eager,
+        unpadded: neither compiled nor captured, so sizes cannot grow memory or compile time."""
+        inputs = (sample, timestep, encoder_hidden_states)
+        if not self._admit(tuple(sample.shape[-2:])):
+            self.stats.eager_calls += 1
+            return self._eager(*inputs)
+        rows = sample.shape[0]
+        bucket = next(b for b in self.config.batch_buckets if b >= rows)
         if self.config.cuda_graphs and self.stats.graph_error is None:
-            graph = self._graph_for(sample, timestep, encoder_hidden_states, forward)
+            graph = self._graph_for(bucket, inputs, self._forward())
             if graph is not None:
                 self.stats.graph_replays += 1
-                return graph(sample, timestep, encoder_hidden_states)
-        if forward is self._eager:
+                return graph(*inputs)
+        forward = self._forward()
+        if forward == self._eager:
             self.stats.eager_calls += 1
-        else:
-            self.stats.compiled_calls += 1
-        return forward(sample, timestep, encoder_hidden_states)
+            return forward(*inputs)
+        self.stats.compiled_calls += 1
+        return forward(*(_pad_rows(t, bucket) for t in inputs))[:rows]
 
-    def _forward_for(self, size: tuple[int, int]) -> Callable:
-        """The compiled UNet for this latent size if it is (or may become) compiled, else eager."""
+    def _admit(self, size: tuple[int, int]) -> bool:
+        """Whether this latent size is (or may now become) one of the optimized sizes."""
+        if size in self.stats.compiled_sizes:
+            return True
+        if len(self.stats.compiled_sizes) >= self.config.max_compiled_sizes:
+            return False
+        self.stats.compiled_sizes.append(size)
+        return True
+
+    def _forward(self) -> Callable:
+        """The compiled UNet, or the eager one when compile is off or has failed."""
         if not self.config.compile or self.stats.compile_error is not None:
             return self._eager
-        if size not in self.stats.compiled_sizes:
-            if len(self.stats.compiled_sizes) >= self.config.max_compiled_sizes:
-                return self._eager
-            self.stats.compiled_sizes.append(size)
         if self._compiled is None:
+            # Enough cache entries for one compile per (bucket, size), should the batch
+            # dimension not stay dynamic; the padding keeps it at that bound.
+            config = torch._dynamo.config
+            needed = len(self.config.batch_buckets) * self.config.max_compiled_sizes + 2
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(config, name):
+                    setattr(config, name, max(getattr(config, name), needed))
             self._compiled = torch.compile(
                 self._eager_for_compile,
                 backend=self.config.compile_backend,
@@ -418,7 +448,7 @@ class PipelineRunner:
 
     def _compiled_call(self, sample, timestep, encoder_hidden_states) -> torch.Tensor:
         for tensor in (sample, timestep, encoder_hidden_states):
-            torch._dynamo.mark_dynamic(tensor, 0)
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
         try:
             with self._attention_context():
                 return self._compiled(sample, timestep, encoder_hidden_states)
@@ -427,27 +457,23 @@ class PipelineRunner:
             self.stats.compile_error = f"{type(exc).__name__}: {exc}"[:500]
             return self._eager(sample, timestep, encoder_hidden_states)
 
-    def _graph_for(self, sample, timestep, encoder_hidden_states, forward) -> _CapturedUNet | None:
-        rows = sample.shape[0]
-        bucket = next(b for b in self.config.batch_buckets if b >= rows)
-        key = (bucket, *sample.shape[1:], *encoder_hidden_states.shape[1:], sample.dtype)
-        if key not in self._graphs:
+    def _graph_for(self, bucket: int, inputs: tuple, forward: Callable) -> _CapturedUNet | None:
+        sample, _, encoder_hidden_states = inputs
+        size_key = (*sample.shape[1:], *encoder_hidden_states.shape[1:], sample.dtype)
+        if (bucket, *size_key) not in self._graphs:
             # First use of this latent size: capture every bucket, largest first, so the shared
             # pool is sized once by the largest graph.
-            size_key = key[1:]
             for b in reversed(self.config.batch_buckets):
                 if (b, *size_key) in self._graphs:
                     continue
                 try:
-                    self._graphs[(b, *size_key)] = self._capture(
-                        b, sample, timestep, encoder_hidden_states, forward
-                    )
+                    self._graphs[(b, *size_key)] = self._capture(b, *inputs, forward)
                 except Exception as exc:
                     log.exception("CUDA graph capture failed; running without graphs from now on")
                     self.stats.graph_error = f"{type(exc).__name__}: {exc}"[:500]
                     self._graphs.clear()
                     return None
-        return self._graphs[key]
+        return self._graphs[(bucket, *size_key)]
 
     def _capture(self, rows, sample, timestep, encoder_hidden_states, forward) -> _CapturedUNet:
         started = time.perf_counter()

@@ -446,6 +446,11 @@ class Engine:
             embeds = text_model.final_layer_norm(output.hidden_states[-clip_skip])
         return embeds.to(self.dtype), [n > max_length for n in lengths]
 
+    def check_request(self, params: GenerationParams) -> None:
+        """ValueError naming the field if `params` cannot be generated (what `generate` checks
+        of each request), without loading anything; step-level batching checks on submit."""
+        self._check_batch([params])
+
     def _check_batch(self, batch: list[GenerationParams]) -> None:
         if not batch:
             raise ValueError("batch: at least one request is required")

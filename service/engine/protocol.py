@@ -71,8 +71,8 @@ class GenerationOutput:
 class TextToImageEngine(Protocol):
     """What the generator deployment needs of an engine (`AppConfig.engine` names the class).
 
-    Constructed as `cls(models, device=..., dtype=..., loras=..., max_loaded_models=...)`,
-    `models` and `loras` mapping ids to folders and files.
+    Constructed as `cls(models, device=..., dtype=..., loras=..., max_loaded_models=...,
+    optimizations=...)`, `models` and `loras` mapping ids to folders and files.
     """
 
     def load(self, model_id: str) -> object: ...

@@ -24,6 +24,23 @@ class AppConfig(BaseModel):
         description="Engine class as module:Name; service.engine.blank:BlankEngine draws "
         "nothing (to measure the serving path alone).",
     )
+    batching: Literal["request", "step"] = Field(
+        "step",
+        description="request: @serve.batch collects requests and runs each group from its "
+        "first denoising step to its last; step: requests join the running batch at the next "
+        "denoising step (docs/batching.md).",
+    )
+    max_running_images: int = Field(
+        16,
+        ge=1,
+        description="Step batching: images in one shape bucket's running set, i.e. the most "
+        "one UNet forward takes (a larger request runs alone).",
+    )
+    admission: Literal["oldest_first", "round_robin"] = Field(
+        "oldest_first",
+        description="Step batching: which shape bucket (model, LoRA set, size) steps next: "
+        "the one holding the oldest request, or each in turn.",
+    )
     max_batch_size: int = Field(8, ge=1, description="Requests per @serve.batch call.")
     max_batch_images: int = Field(16, ge=1, description="Images per pipeline call.")
     batch_wait_timeout_s: float = Field(
@@ -39,7 +56,10 @@ class AppConfig(BaseModel):
         10, gt=0, description="How often Serve checks a generator replica's health."
     )
     generator_max_ongoing_requests: int | None = Field(
-        None, ge=1, description="Default: 4 x max_batch_size, so batches can fill."
+        None,
+        ge=1,
+        description="Default: 4 x max_batch_size (request batching) or 4 x max_running_images "
+        "(step batching), so batches can fill.",
     )
     ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas.")
     ingress_num_cpus: float = Field(0.5, ge=0, description="CPUs per ingress replica.")
@@ -56,6 +76,8 @@ class AppConfig(BaseModel):
     @model_validator(mode="after")
     def _ongoing_covers_batch(self):
         ongoing = self.generator_max_ongoing_requests
+        if self.batching != "request":
+            return self
         if ongoing is not None and ongoing < 2 * self.max_batch_size:
             raise ValueError(
                 "generator_max_ongoing_requests must be at least twice max_batch_size "
@@ -64,7 +86,9 @@ class AppConfig(BaseModel):
         return self
 
     def generator_ongoing(self) -> int:
-        return self.generator_max_ongoing_requests or 4 * self.max_batch_size
+        """Requests one generator replica holds: room for full batches plus the next ones."""
+        per_batch = self.max_batch_size if self.batching == "request" else self.max_running_images
+        return self.generator_max_ongoing_requests or 4 * per_batch
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -102,6 +126,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             config.batch_wait_timeout_s,
             config.max_batch_images,
             config.engine,
+            config.batching,
+            config.max_running_images,
+            config.admission,
         ),
         settings,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import time
@@ -13,6 +14,7 @@ from ray import serve
 from service.config import Settings
 from service.engine.protocol import GenerationOutput, GenerationParams, TextToImageEngine
 from service.metrics import get_metrics, resolution_bucket
+from service.serving.continuous import StepBatching, supports_step_batching
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +27,14 @@ def resolve_device(setting: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(setting: str, device: str):
+def resolve_dtype(setting: str, device: str, optimized: bool = False):
     import torch
 
     if setting == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
+        if not device.startswith("cuda"):
+            return torch.float32
+        # bf16 has fp32's range: no SD2 attention overflow (black/NaN images) at 768.
+        return torch.bfloat16 if optimized else torch.float16
     return getattr(torch, setting)
 
 
@@ -56,8 +61,10 @@ def split_by_images(batch: list[int], samples: list[int], max_images: int) -> li
 
 
 class Generator:
-    """Holds the diffusion engine; `@serve.batch` collects requests, which are grouped by
-    `GenerationParams.batch_key()` so that each group is one pipeline call."""
+    """Holds the diffusion engine. `batching="request"`: `@serve.batch` collects requests,
+    which are grouped by `GenerationParams.batch_key()` so that each group is one pipeline
+    call. `batching="step"`: requests join a running batch at the next denoising step
+    (service/serving/continuous.py, docs/batching.md)."""
 
     def __init__(
         self,
@@ -66,19 +73,27 @@ class Generator:
         batch_wait_timeout_s: float,
         max_batch_images: int,
         engine: str = "service.engine.pipeline:Engine",
+        batching: str = "request",
+        max_running_images: int = 16,
+        admission: str = "oldest_first",
     ):
         engine_class = import_object(engine)
         device = resolve_device(settings.device)
         self.device = device
         self.settings = settings
         self.metrics = get_metrics()
+        from service.engine.optimize import OptimizationConfig  # torch: replicas only
+
+        optimizations = OptimizationConfig.for_device(device, **settings.engine_optimizations())
         self.engine: TextToImageEngine = engine_class(
             settings.model_paths(),
             device=device,
-            dtype=resolve_dtype(settings.dtype, device),
+            dtype=resolve_dtype(settings.dtype, device, optimizations.enabled),
             loras=settings.lora_paths(),
             max_loaded_models=settings.max_loaded_models,
+            optimizations=optimizations,
         )
+
         # Ray Serve routes a request to a replica that already holds its model (the ingress
         # sets multiplexed_model_id); the engine's own LRU bounds the memory.
         async def load_model(model_id: str) -> str:  # a plain function: Serve tags it
@@ -92,15 +107,46 @@ class Generator:
         self._unusable: str | None = None
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._steps: StepBatching | None = None
+        if batching == "step":
+            if supports_step_batching(self.engine):
+                self._steps = StepBatching(
+                    self.engine,
+                    max_running_images=max_running_images,
+                    admission=admission,
+                    metrics=self.metrics,
+                    gpu_hour_price_usd=settings.gpu_hour_price_usd,
+                    device=device,
+                    queue_depth=lambda: self._waiting,
+                    on_fatal=self._note_fatal,
+                )
+            else:
+                log.warning("engine %s has no denoising steps: request batching instead", engine)
         for model_id in settings.models_to_preload()[: settings.max_loaded_models]:
             self._load_and_warm(model_id)
-        log.info("generator ready on %s with models %s", device, self.engine.loaded_models())
+        if self._steps is not None:
+            self._steps.start()
+        log.info(
+            "generator ready on %s with models %s, %s batching",
+            device,
+            self.engine.loaded_models(),
+            "step" if self._steps else "request",
+        )
+
+    def _engine_to_itself(self):
+        """In step mode, warm-ups and unloads wait for the current step (no-op otherwise)."""
+        return self._steps.exclusive() if self._steps is not None else contextlib.nullcontext()
+
+    def _note_fatal(self, exc: BaseException) -> None:
+        if _is_fatal_device_error(exc):
+            self._unusable = f"{type(exc).__name__}: {exc}"[:500]
 
     def _load_and_warm(self, model_id: str) -> float:
         started = time.perf_counter()
-        self.engine.load(model_id)
-        if self.settings.warmup:
-            self.engine.warmup(model_id)
+        with self._engine_to_itself():
+            self.engine.load(model_id)
+            if self.settings.warmup:
+                self.engine.warmup(model_id)
         seconds = time.perf_counter() - started
         self.metrics.set_warmup(model_id, seconds)
         return seconds
@@ -121,6 +167,9 @@ class Generator:
         except Exception:
             self._waiting -= 1
             raise
+        if self._steps is not None:
+            self._waiting -= 1
+            return await self._steps.generate(params)
         result = await self._batched((params, time.perf_counter()))
         if isinstance(result, Exception):
             raise result
@@ -131,14 +180,14 @@ class Generator:
     async def load_model(self, model_id: str, reload: bool = False) -> dict:
         """Load (or reload from disk) and warm a model on this replica."""
         if reload:
-            await asyncio.to_thread(self.engine.unload, model_id)
+            await asyncio.to_thread(self._unload, model_id)
         await self._get_model(model_id)
         seconds = await asyncio.to_thread(self._load_and_warm, model_id)
         return {"model_id": model_id, "seconds": round(seconds, 3), **self.details()}
 
     def clear_cache(self) -> dict:
         """Unload every pipeline no waiting request needs; give cached GPU memory back."""
-        unloaded = [m for m in self.engine.loaded_models() if self.engine.unload(m)]
+        unloaded = [m for m in self.engine.loaded_models() if self._unload(m)]
         if self.device.startswith("cuda"):
             import torch
 
@@ -150,6 +199,10 @@ class Generator:
         queued here are retried by the ingress on the replacement."""
         self._unusable = "restart requested"
         return self.details()
+
+    def _unload(self, model_id: str) -> bool:
+        with self._engine_to_itself():
+            return self.engine.unload(model_id)
 
     def details(self) -> dict:
         from ray import serve as ray_serve
@@ -171,7 +224,8 @@ class Generator:
             "device": self.device,
             "gpu": gpu,
             "loaded_models": self.engine.loaded_models(),
-            "queue_depth": self._waiting,
+            "queue_depth": self._steps.queue_depth() if self._steps else self._waiting,
+            "batching": "step" if self._steps else "request",
             "healthy": self._unusable is None,
         }
 

@@ -68,6 +68,7 @@ def env(tmp_path):
         sync_window_s=5,
         max_body_bytes=4096,
         webhook_attempts=1,
+        webhook_allowed_hosts=["127.0.0.1"],
     )
     engine = FakeEngine()
     service = build_image_service(settings, engine)

@@ -28,7 +28,13 @@ def server(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("e2e")
     # the demo key's plan allows 10 requests at once; the batching test sends 16
     limits = {"free": 5, "pay_per_use": 32, "premium": 32}
-    settings = {"sync_window_s": 60, "max_concurrent_requests": limits}
+    # the webhook test's receiver listens on this machine, which webhooks may not reach unless
+    # allowed
+    settings = {
+        "sync_window_s": 60,
+        "max_concurrent_requests": limits,
+        "webhook_allowed_hosts": ["127.0.0.1"],
+    }
     with running_app(tmp, tiny_model_dir, settings=settings) as (base_url, _):
         yield base_url
 

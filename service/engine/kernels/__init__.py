@@ -7,6 +7,7 @@ anywhere else the torch reference runs. `OptimizationConfig.triton_kernels` is t
 from service.engine.kernels.group_norm_silu import (
     group_norm_silu,
     group_norm_silu_reference,
+    group_norm_silu_triton,
     triton_available,
     triton_runs_on,
 )
@@ -14,6 +15,7 @@ from service.engine.kernels.group_norm_silu import (
 __all__ = [
     "group_norm_silu",
     "group_norm_silu_reference",
+    "group_norm_silu_triton",
     "triton_available",
     "triton_runs_on",
 ]

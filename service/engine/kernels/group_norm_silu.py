@@ -13,8 +13,6 @@ GPU even at batch 1), a per-group combine into mean and 1/std, then the elementw
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +24,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
 
 OP_NAME = "sdserve::group_norm_silu"
-TILE_ELEMENTS = 4096  # elements per program tile: 8 KiB of bf16, 16 KiB of fp32
+TILE_ELEMENTS = 4096  # elements per program tile on a GPU: 8 KiB of bf16, 16 KiB of fp32
+INTERPRETER_TILE_ELEMENTS = 1 << 18  # the CPU interpreter pays per program: few, large tiles
 MAX_SPLITS = 64  # H×W chunks per channel in the statistics pass (the combine loads them at once)
 GPU_PROGRAMS_TARGET = 4 * 132  # ~4 programs per SM of an H100 in the statistics pass
 
@@ -55,8 +54,13 @@ def triton_available() -> bool:
 
 
 def interpreting() -> bool:
-    """Whether Triton's CPU interpreter is switched on (`TRITON_INTERPRET=1`, read by Triton)."""
-    return triton is not None and bool(triton.knobs.runtime.interpret)
+    """Whether the kernels run in Triton's CPU interpreter: `TRITON_INTERPRET=1` must have been
+    set before Triton was first imported (its own library functions are built then)."""
+    if triton is None or not triton.knobs.runtime.interpret:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_apply_silu_kernel, InterpretedFunction)
 
 
 def triton_runs_on(device: torch.device | str) -> bool:
@@ -84,12 +88,30 @@ def group_norm_silu(
     """
     if not triton_runs_on(x.device) or x.dim() != 4:
         return group_norm_silu_reference(x, weight, bias, num_groups, eps, add)
-    add = None if add is None else add.reshape(add.shape[0], add.shape[1])
-    return _registered_op()(x, weight, bias, num_groups, eps, add)
+    return group_norm_silu_triton(x, weight, bias, num_groups, eps, add)
 
 
-def _launch(x, weight, bias, num_groups, eps, add, *, wrap):
-    """Run the three kernels; `wrap` turns a jitted kernel into something launchable."""
+def group_norm_silu_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Triton op itself, no fallback: for modules that checked `triton_runs_on` once when
+    they were built. Under torch.compile it is one opaque call, with no graph break."""
+    if add is not None:
+        add = add.reshape(add.shape[0], add.shape[1])
+    return torch.ops.sdserve.group_norm_silu(x, weight, bias, num_groups, eps, add)
+
+
+def _launch(x, weight, bias, num_groups, eps, add, *, out=None):
+    """Run the three kernels.
+
+    `out` (tests only) is written in place of a fresh output, e.g. one filled with NaN to show
+    that every element was written.
+    """
     n, c, h, w = x.shape
     if c % num_groups:
         raise ValueError(f"num_groups: {c} channels are not divisible into {num_groups} groups")
@@ -107,18 +129,22 @@ def _launch(x, weight, bias, num_groups, eps, add, *, wrap):
         stride_n, stride_c, stride_hw = hw * c, 1, c
     else:
         stride_n, stride_c, stride_hw = c * hw, hw, 1
-    y = torch.empty_like(x)  # same memory format as x
-    block_c, block_hw = _tile(c, hw, channels_last=channels_last)
+    y = torch.empty_like(x) if out is None else out  # same memory format as x
+    on_gpu = x.device.type == "cuda"
+    block_c, block_hw = _tile(c, hw, channels_last=channels_last, on_gpu=on_gpu)
     c_tiles = triton.cdiv(c, block_c)
-    target = GPU_PROGRAMS_TARGET if x.device.type == "cuda" else 1
+    target = GPU_PROGRAMS_TARGET if on_gpu else 1
     splits = max(1, min(MAX_SPLITS, triton.cdiv(hw, block_hw), triton.cdiv(target, n * c_tiles)))
     hw_per_split = triton.cdiv(triton.cdiv(hw, splits), block_hw) * block_hw
     splits = triton.cdiv(hw, hw_per_split)
 
+    # The statistics pass carries three fp32 accumulators per tile element: 8 warps keep them
+    # at 48 registers a thread. (The interpreter takes no launch options.)
+    options = {"num_warps": 8} if on_gpu else {}
     partials = torch.empty((n * c * splits * 3,), device=x.device, dtype=torch.float32)
     stats = torch.empty((n * num_groups * 2,), device=x.device, dtype=torch.float32)
     add_arg = add if add is not None else x  # never read when HAS_ADD is False
-    wrap(_channel_stats_kernel)[(splits, c_tiles, n)](
+    _channel_stats_kernel[(splits, c_tiles, n)](
         x,
         add_arg,
         partials,
@@ -132,8 +158,12 @@ def _launch(x, weight, bias, num_groups, eps, add, *, wrap):
         HAS_ADD=add is not None,
         BLOCK_C=block_c,
         BLOCK_HW=block_hw,
+        **options,
     )
-    wrap(_group_stats_kernel)[(n * num_groups,)](
+    # One group per program on a GPU (many tiny programs are cheap there); all groups of a
+    # sample in one program for the interpreter.
+    block_g = 1 if on_gpu else triton.next_power_of_2(num_groups)
+    _group_stats_kernel[(n, triton.cdiv(num_groups, block_g))](
         partials,
         stats,
         c,
@@ -141,10 +171,11 @@ def _launch(x, weight, bias, num_groups, eps, add, *, wrap):
         num_groups,
         splits,
         eps,
+        BLOCK_G=block_g,
         BLOCK_CPG=triton.next_power_of_2(cpg),
         BLOCK_S=triton.next_power_of_2(splits),
     )
-    wrap(_apply_silu_kernel)[(triton.cdiv(hw, block_hw), c_tiles, n)](
+    _apply_silu_kernel[(triton.cdiv(hw, block_hw), c_tiles, n)](
         x,
         add_arg,
         stats,
@@ -161,38 +192,24 @@ def _launch(x, weight, bias, num_groups, eps, add, *, wrap):
         HAS_ADD=add is not None,
         BLOCK_C=block_c,
         BLOCK_HW=block_hw,
+        **options,
     )
     return y
 
 
-def _tile(channels: int, hw: int, *, channels_last: bool) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_HW): wide along whichever axis is contiguous in memory."""
-    if channels_last:
-        block_c = min(64, triton.next_power_of_2(channels))
-    else:
-        block_c = min(8, triton.next_power_of_2(channels))
+def _tile(channels: int, hw: int, *, channels_last: bool, on_gpu: bool) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW): on a GPU wide along whichever axis is contiguous in memory."""
+    if not on_gpu:
+        block_c = min(1024, triton.next_power_of_2(channels))
+        return block_c, min(triton.next_power_of_2(hw), INTERPRETER_TILE_ELEMENTS // block_c)
+    block_c = min(64 if channels_last else 8, triton.next_power_of_2(channels))
     block_hw = max(16, min(triton.next_power_of_2(hw), TILE_ELEMENTS // block_c))
     return block_c, block_hw
 
 
-@functools.cache
-def _interpreted(kernel):
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return InterpretedFunction(kernel.fn)
-
-
-def _interpreted_or_plain(kernel):
-    """On CPU the interpreter runs the kernel, even if Triton was imported before the switch."""
-    if interpreting() and not hasattr(kernel, "rewrite"):
-        return _interpreted(kernel)
-    return kernel
-
-
-@functools.cache
-def _registered_op():
-    """Register `sdserve::group_norm_silu` (once): an opaque op that torch.compile and CUDA graphs
-    call as one unit, with a shape-only fake for tracing."""
+def _register_op():
+    """Register `sdserve::group_norm_silu`: an opaque op that torch.compile and CUDA graphs call
+    as one unit, with a shape-only fake for tracing."""
 
     @torch.library.custom_op(OP_NAME, mutates_args=())
     def group_norm_silu_op(
@@ -203,7 +220,7 @@ def _registered_op():
         eps: float,
         add: torch.Tensor | None,
     ) -> torch.Tensor:
-        return _launch(x, weight, bias, num_groups, eps, add, wrap=_interpreted_or_plain)
+        return _launch(x, weight, bias, num_groups, eps, add)
 
     @group_norm_silu_op.register_fake
     def _(x, weight, bias, num_groups, eps, add):
@@ -277,27 +294,29 @@ if triton is not None:
         G,
         SPLITS,
         eps,
+        BLOCK_G: tl.constexpr,
         BLOCK_CPG: tl.constexpr,
         BLOCK_S: tl.constexpr,
     ):
         """Per (sample, group): combine the channels' chunks into mean and 1/sqrt(var + eps)."""
-        ng = tl.program_id(0)
-        n = ng // G
-        g = ng - n * G
+        n = tl.program_id(0)
+        g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
         lane = tl.arange(0, BLOCK_CPG)
         split = tl.arange(0, BLOCK_S)
-        ok = (lane < CPG)[:, None] & (split < SPLITS)[None, :]
-        channel = n * C + g * CPG + lane
-        at = partials_ptr + (channel[:, None] * SPLITS + split[None, :]) * 3
+        ok = (g < G)[:, None, None] & (lane < CPG)[None, :, None] & (split < SPLITS)[None, None, :]
+        channel = n * C + g[:, None, None] * CPG + lane[None, :, None]
+        at = partials_ptr + (channel * SPLITS + split[None, None, :]) * 3
         count = tl.load(at, mask=ok, other=0.0)
         mean = tl.load(at + 1, mask=ok, other=0.0)
         m2 = tl.load(at + 2, mask=ok, other=0.0)
-        total = tl.sum(tl.sum(count, axis=1), axis=0)
-        group_mean = tl.sum(tl.sum(count * mean, axis=1), axis=0) / total
-        spread = mean - group_mean
-        variance = tl.sum(tl.sum(m2 + count * spread * spread, axis=1), axis=0) / total
-        tl.store(stats_ptr + ng * 2, group_mean)
-        tl.store(stats_ptr + ng * 2 + 1, 1.0 / tl.sqrt(variance + eps))
+        total = tl.sum(tl.sum(count, axis=2), axis=1)
+        group_mean = tl.sum(tl.sum(count * mean, axis=2), axis=1) / tl.maximum(total, 1.0)
+        spread = mean - group_mean[:, None, None]
+        variance = tl.sum(tl.sum(m2 + count * spread * spread, axis=2), axis=1)
+        variance = variance / tl.maximum(total, 1.0)
+        g_ok = g < G
+        tl.store(stats_ptr + (n * G + g) * 2, group_mean, mask=g_ok)
+        tl.store(stats_ptr + (n * G + g) * 2 + 1, 1.0 / tl.sqrt(variance + eps), mask=g_ok)
 
     @triton.jit
     def _apply_silu_kernel(
@@ -338,3 +357,5 @@ if triton is not None:
         out = value * scale[:, None] + shift[:, None]
         out = out * tl.sigmoid(out)
         tl.store(y_ptr + offsets, out.to(y_ptr.dtype.element_ty), mask=ok)
+
+    _register_op()

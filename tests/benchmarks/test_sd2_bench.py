@@ -1,0 +1,91 @@
+"""benchmarks/sd2_bench.py on the tiny model on CPU (the CI suite), and the SD2 configs' costs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ci_result(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "tiny-cpu.json"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "sd2_bench.py"),
+        "--tiny",
+        "--device",
+        "cpu",
+        "--suite",
+        "ci",
+        "--optimize",
+        "on",
+        "--no-compile",
+        "--no-triton-kernels",  # interpreted kernels inside the UNet: correct, but minutes
+        "--out",
+        str(out),
+    ]
+    # One thread: a 2-core machine shared with other jobs makes OpenMP spin-waits crawl.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "images/s" in done.stdout  # the printed table
+    return json.loads(out.read_text())
+
+
+def test_ci_run_measures_both_pipelines(ci_result):
+    assert ci_result["device"]["type"] == "cpu"
+    assert {"torch", "diffusers", "transformers", "triton", "sdserve"} <= set(ci_result["versions"])
+    cases = {(c["pipeline"], c["batch"]) for c in ci_result["cases"]}
+    assert cases == {("stock", 1), ("stock", 2), ("optimized", 1), ("optimized", 2)}
+    for case in ci_result["cases"]:
+        assert case["images_per_s"] > 0 and case["s_per_image"] > 0
+        assert case["mfu"] is None  # no peak rate for a CPU: no made-up MFU
+    assert ci_result["optimizations"]["enabled"] is True
+    summary = ci_result["summary"]["64px_2_steps"]
+    assert summary["stock"]["latency_batch_1_s"] > 0
+    assert summary["throughput_speedup"] > 0
+    assert not ci_result.get("errors")
+    assert ci_result["elapsed_s"] < 60
+
+
+def test_ci_run_checks_against_fp32_stock(ci_result):
+    check = ci_result["check"]
+    assert check["pass"], check
+    assert check["optimized"]["finite"]
+    assert check["optimized"]["latent_rel_err"] < 1e-4  # fp32 on CPU: rounding only
+
+
+def test_ci_run_has_cold_start_ablation_and_kernel_sections(ci_result):
+    cold = ci_result["cold_start"]
+    assert cold["stock"]["total_s"] > 0 and cold["optimized_empty_cache"]["total_s"] > 0
+    rows = ci_result["ablation"]["rows"]
+    assert set(rows) == {"2", "4"} and all(v > 0 for row in rows.values() for v in row.values())
+    kernel = ci_result["kernel"]
+    assert all(row["rel_err_triton"] < 1e-5 for row in kernel["rows"])
+
+
+def test_sd2_configs_have_the_real_sizes_and_issue_9_costs():
+    """Parameter counts of SD 2.0 768-v and the FLOPs issue 9 states (counted, meta device)."""
+    from service.engine.sd2_configs import (
+        SD2_PARAMETERS,
+        UNET_TFLOP_PER_GUIDED_STEP_768,
+        VAE_DECODE_TFLOP_768,
+        count_flops,
+        flops_per_image,
+        sd2_components,
+    )
+
+    components = sd2_components("meta")
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in components.items()}
+    assert counts == SD2_PARAMETERS
+    flops = count_flops(components["unet"], components["vae"], 768, 768)
+    assert flops["unet_per_guided_step"] / 1e12 == pytest.approx(
+        UNET_TFLOP_PER_GUIDED_STEP_768, rel=5e-3
+    )
+    assert flops["vae_decode"] / 1e12 == pytest.approx(VAE_DECODE_TFLOP_768, rel=5e-3)
+    assert flops_per_image(flops, 50) / 1e12 == pytest.approx(220.8, rel=5e-3)

@@ -1,0 +1,260 @@
+"""The optimized engine path on the tiny model, on CPU: same images as stock, bounded compiles.
+
+fp32 on CPU, so "same" means within 1/255 per pixel, as for the stock parity tests. CUDA graphs
+and the GPU timings are exercised by benchmarks/sd2_bench.py on a GPU (benchmarks/GPU.md).
+"""
+
+# ruff: noqa: E402
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+)
+
+from service.config import Settings
+from service.engine.kernels import triton_runs_on
+from service.engine.optimize import (
+    GroupNormSiLU,
+    OptimizationConfig,
+    _pad_rows,
+    runner_for,
+    set_attention,
+)
+from service.engine.pipeline import Engine
+from service.engine.protocol import GenerationParams
+from service.serving.generator import resolve_dtype
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
+)
+
+MODEL = "stable-diffu"
+
+
+def request(**overrides) -> GenerationParams:
+    defaults = {
+        "prompt": "a red fox in the snow",
+        "seed": 1234,
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 2,
+        "scheduler": "DDIMScheduler",
+    }
+    return GenerationParams(**{**defaults, **overrides})
+
+
+def cpu_config(**overrides) -> OptimizationConfig:
+    """Everything that runs on CPU; compile through dynamo only (no C++ build, seconds)."""
+    options = {
+        "enabled": True,
+        "compile": False,
+        "compile_backend": "eager",
+        "triton_kernels": False,
+        **overrides,
+    }
+    return OptimizationConfig(**options)
+
+
+def max_diff(outputs, references) -> int:
+    return max(
+        int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+        for output, reference in zip(outputs, references, strict=True)
+        for a, b in zip(output.images, reference.images, strict=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_model_dir):
+    return Engine({MODEL: tiny_model_dir})
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def test_defaults_are_on_for_cuda_and_off_for_cpu():
+    cuda = OptimizationConfig.for_device("cuda")
+    assert cuda.enabled and cuda.compile and cuda.cuda_graphs and cuda.triton_kernels
+    assert cuda.fuse_qkv and cuda.channels_last and cuda.attention == "sdpa"
+    cpu = OptimizationConfig.for_device("cpu")
+    assert not (cpu.enabled or cpu.compile or cpu.cuda_graphs or cpu.triton_kernels)
+    assert OptimizationConfig().enabled is False
+    # Asked for on a CPU: no CUDA graphs there.
+    assert not OptimizationConfig.for_device("cpu", enabled=True).cuda_graphs
+    # Inductor's own graphs replace ours.
+    assert not OptimizationConfig.for_device("cuda", compile_mode="reduce-overhead").cuda_graphs
+
+
+def test_invalid_configs_name_the_field():
+    with pytest.raises(ValueError, match="^attention:"):
+        OptimizationConfig(attention="xformers")
+    with pytest.raises(ValueError, match="^compile_mode:"):
+        OptimizationConfig(compile_mode="fast")
+    with pytest.raises(ValueError, match="^batch_buckets:"):
+        OptimizationConfig(batch_buckets=(1, 2))
+    assert OptimizationConfig(batch_buckets=(8, 2, 4, 4)).batch_buckets == (2, 4, 8)
+
+
+def test_latents_stay_fp32_on_the_optimized_path():
+    assert cpu_config().latent_dtype(torch.bfloat16) == torch.float32
+    assert OptimizationConfig().latent_dtype(torch.float16) == torch.float16
+    assert cpu_config(fp32_latents=False).latent_dtype(torch.bfloat16) == torch.bfloat16
+
+
+def test_settings_drive_the_config_and_the_dtype():
+    settings = Settings(optimize="auto", compile=False, batch_buckets=[2, 8], attention="flash")
+    cuda = OptimizationConfig.for_device("cuda", **settings.engine_optimizations())
+    assert cuda.enabled and not cuda.compile and cuda.batch_buckets == (2, 8)
+    assert cuda.attention == "flash"
+    assert not OptimizationConfig.for_device("cpu", **settings.engine_optimizations()).enabled
+    forced = Settings(optimize="on").engine_optimizations()
+    assert OptimizationConfig.for_device("cpu", **forced).enabled
+    assert not OptimizationConfig.for_device(
+        "cuda", **Settings(optimize="off").engine_optimizations()
+    ).enabled
+    assert resolve_dtype("auto", "cuda", optimized=True) == torch.bfloat16
+    assert resolve_dtype("auto", "cuda") == torch.float16
+    assert resolve_dtype("auto", "cpu", optimized=True) == torch.float32
+
+
+def test_pad_rows_repeats_the_last_row():
+    x = torch.arange(6.0).reshape(3, 2)
+    padded = _pad_rows(x, 5)
+    assert padded.shape == (5, 2)
+    assert torch.equal(padded[3], x[2]) and torch.equal(padded[4], x[2])
+    assert _pad_rows(x, 3) is x
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+
+def test_disabled_path_is_the_stock_one(tiny_model_dir, stock):
+    engine = Engine({MODEL: tiny_model_dir}, optimizations=OptimizationConfig())
+    batch = [request(samples=2), request(seed=7, guidance_scale=1.0)]
+    assert max_diff(engine.generate(batch), stock.generate(batch)) == 0
+    runner = runner_for(engine.load(MODEL))
+    assert runner.stats.eager_calls == 2 and runner.stats.compiled_calls == 0
+    assert engine.latent_dtype == torch.float32
+
+
+def test_optimized_modules_match_stock(tiny_model_dir, stock):
+    engine = Engine({MODEL: tiny_model_dir}, optimizations=cpu_config())
+    pipe = engine.load(MODEL)
+    processors = {type(p) for p in pipe.unet.attn_processors.values()}
+    assert processors == {FusedAttnProcessor2_0}
+    conv = pipe.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    batch = [
+        request(samples=2, negative_prompt="blurry"),
+        request(prompt="a lighthouse", seed=3, guidance_scale=1.0),
+        request(prompt="cubist portrait", seed=4, guidance_scale=12.0, clip_skip=2),
+    ]
+    assert max_diff(engine.generate(batch), stock.generate(batch)) <= 1
+
+
+def test_compiled_unet_matches_stock_with_bounded_compiles(tiny_model_dir, stock):
+    """Batches of any size reuse the compiled UNet (padded to buckets); a latent size past
+    `max_compiled_sizes` runs eager instead of compiling again."""
+    config = cpu_config(compile=True, max_compiled_sizes=1, batch_buckets=(2, 4, 8))
+    engine = Engine({MODEL: tiny_model_dir}, optimizations=config)
+    runner = runner_for(engine.load(MODEL))
+    compiled_frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for batch in (
+        [request()],
+        [request(seed=s) for s in range(3)],  # 6 rows: padded to 8
+        [request(seed=9, guidance_scale=1.0)],  # 1 row: padded to 2
+        [request(seed=s, samples=2) for s in range(3)],  # 12 rows: chunks of 8 and 4
+    ):
+        assert max_diff(engine.generate(batch), stock.generate(batch)) <= 1
+    new_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_frames
+    assert runner.stats.compile_error is None
+    assert runner.stats.compiled_calls == 10 and runner.stats.eager_calls == 0
+    assert new_graphs <= len(config.batch_buckets)  # one per bucket at worst; 1 when dynamic
+    assert runner.stats.compiled_sizes == [(8, 8)]
+
+    other_size = [request(width=128, height=64)]
+    assert max_diff(engine.generate(other_size), stock.generate(other_size)) <= 1
+    assert runner.stats.eager_calls == 2
+    assert runner.stats.compiled_sizes == [(8, 8)]
+
+
+@pytest.mark.skipif(not triton_runs_on("cpu"), reason="needs TRITON_INTERPRET=1 (tests/conftest)")
+def test_triton_kernels_in_the_engine_match_stock(tiny_model_dir, stock):
+    engine = Engine({MODEL: tiny_model_dir}, optimizations=cpu_config(triton_kernels=True))
+    pipe = engine.load(MODEL)
+    assert isinstance(pipe.unet.down_blocks[0].resnets[0].norm1, GroupNormSiLU)
+    assert isinstance(pipe.vae.decoder.conv_norm_out, GroupNormSiLU)
+    batch = [request(num_inference_steps=1)]
+    assert max_diff(engine.generate(batch), stock.generate(batch)) <= 1
+
+
+def test_loaded_adapters_switch_to_the_eager_unfused_unet(tiny_model_dir, stock):
+    """A captured graph or a fused QKV weight would ignore a LoRA: the runner steps aside."""
+    engine = Engine({MODEL: tiny_model_dir}, optimizations=cpu_config(compile=True))
+    pipe = engine.load(MODEL)
+    engine.generate([request()])
+    runner = runner_for(pipe)
+    assert runner.stats.compiled_calls == 2
+    pipe.unet._hf_peft_config_loaded = True  # what diffusers sets once a LoRA is loaded
+    try:
+        batch = [request(seed=5)]
+        assert max_diff(engine.generate(batch), stock.generate(batch)) <= 1
+        assert runner.stats.eager_calls == 2 and runner.stats.compiled_calls == 2
+        processors = {type(p) for p in pipe.unet.attn_processors.values()}
+        assert processors == {AttnProcessor2_0}
+    finally:
+        pipe.unet._hf_peft_config_loaded = False
+
+
+# --- SD2's fp16 attention overflow ----------------------------------------------------------------
+
+
+def _latents(engine: Engine, params: GenerationParams) -> torch.Tensor:
+    pipe = engine.load(MODEL)
+    with torch.inference_mode():
+        states = engine.start_requests(pipe, [params])
+        while not all(state.done for state in states):
+            engine.denoise_step(pipe, [state for state in states if not state.done])
+    return states[0].latents
+
+
+def _inflate_attention_logits(engine: Engine, factor: float = 1000.0) -> None:
+    """Scale Q and K so attention logits pass fp16's 65504, as SD2's do at 768 in places."""
+    with torch.no_grad():
+        for module in engine.load(MODEL).unet.modules():
+            if isinstance(module, Attention):
+                module.to_q.weight.mul_(factor)
+                module.to_k.weight.mul_(factor)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_attention_overflow_gives_no_nan_on_the_optimized_path(tiny_model_dir):
+    params = request(num_inference_steps=2)
+    # The failure the optimized path must avoid: fp16 explicit softmax(QKᵀ) without upcast.
+    naive = Engine({MODEL: tiny_model_dir}, dtype=torch.float16)
+    set_attention(naive.load(MODEL).unet, "classic", None)
+    assert {type(p) for p in naive.load(MODEL).unet.attn_processors.values()} == {AttnProcessor}
+    _inflate_attention_logits(naive)
+    assert not torch.isfinite(_latents(naive, params)).all()
+
+    for dtype, attention in (
+        (torch.bfloat16, "sdpa"),  # the optimized default: bf16 has fp32's range
+        (torch.float16, "sdpa"),  # fused SDPA kernels accumulate in fp32
+        (torch.float16, "classic"),  # explicit attention, upcast to fp32 in fp16
+    ):
+        engine = Engine(
+            {MODEL: tiny_model_dir}, dtype=dtype, optimizations=cpu_config(attention=attention)
+        )
+        _inflate_attention_logits(engine)
+        latents = _latents(engine, params)
+        assert latents.dtype == torch.float32
+        assert torch.isfinite(latents).all(), (dtype, attention)
+        image = engine.generate([params])[0].images[0]
+        assert image.std() > 1  # not a flat (black) image
