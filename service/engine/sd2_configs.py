@@ -8,11 +8,10 @@ random weights make the images noise, which costs exactly as much to compute.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from service.engine.tiny_model import (
@@ -20,7 +19,7 @@ from service.engine.tiny_model import (
     EOS_TOKEN,
     MODEL_MAX_LENGTH,
     PAD_TOKEN,
-    SD2_SCHEDULER_CONFIG,
+    write_pipeline_files,
     write_tokenizer,
 )
 
@@ -139,19 +138,7 @@ def build_sd2_model(
         module.to(dtype).save_pretrained(path / name, safe_serialization=True)
         del module
     components.clear()
-    DDIMScheduler.from_config(SD2_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (path / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    write_pipeline_files(path)
     return path
 
 

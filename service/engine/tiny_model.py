@@ -159,6 +159,16 @@ def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
     vae.save_pretrained(path / "vae", safe_serialization=True)
     text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
     _prefix_text_encoder_keys(path / "text_encoder" / "model.safetensors")
+    write_pipeline_files(path)
+    # safetensors writes owner-only files; a model folder is read by other users (containers).
+    for weights in path.rglob("*.safetensors"):
+        weights.chmod(0o644)
+    return path
+
+
+def write_pipeline_files(path: Path) -> None:
+    """The SD 2.0 768-v scheduler config and a StableDiffusionPipeline model_index.json: what
+    turns a folder of components into a model from_pretrained loads."""
     DDIMScheduler.from_config(SD2_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
     _write_json(
         path / "model_index.json",
@@ -174,10 +184,6 @@ def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
             "vae": ["diffusers", "AutoencoderKL"],
         },
     )
-    # safetensors writes owner-only files; a model folder is read by other users (containers).
-    for weights in path.rglob("*.safetensors"):
-        weights.chmod(0o644)
-    return path
 
 
 def _prefix_text_encoder_keys(file: Path) -> None:
