@@ -182,7 +182,7 @@ def deploy(mode: str, args, folder: Path, gpus: float):
     from ray import serve
 
     from service.config import load_settings
-    from service.serving.app import AppConfig
+    from service.serving.app import AppConfig, generator_args
     from service.serving.generator import Generator
 
     config = AppConfig(
@@ -207,16 +207,7 @@ def deploy(mode: str, args, folder: Path, gpus: float):
             ray_actor_options={"num_cpus": args.generator_num_cpus, "num_gpus": gpus},
             health_check_timeout_s=600,
         )
-        .bind(
-            settings,
-            config.max_batch_size,
-            config.batch_wait_timeout_s,
-            config.max_batch_images,
-            config.engine,
-            config.batching,
-            config.max_running_images,
-            config.admission,
-        )
+        .bind(*generator_args(config, settings))
     )
     handle = serve.run(app, name=f"batching-{mode}", route_prefix=None)
     return handle.options(multiplexed_model_id=MODEL_ID).generate.remote

@@ -91,6 +91,20 @@ class AppConfig(BaseModel):
         return self.generator_max_ongoing_requests or 4 * per_batch
 
 
+def generator_args(config: AppConfig, settings) -> tuple:
+    """The Generator constructor's arguments from the Serve config (also used by benchmarks)."""
+    return (
+        settings,
+        config.max_batch_size,
+        config.batch_wait_timeout_s,
+        config.max_batch_images,
+        config.engine,
+        config.batching,
+        config.max_running_images,
+        config.admission,
+    )
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Validate `args` into AppConfig and bind ingress -> generator."""
     config = AppConfig.model_validate(args or {})
@@ -120,15 +134,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         logging_config={"encoding": config.log_encoding},
     )
     return ingress.bind(
-        generator.bind(
-            settings,
-            config.max_batch_size,
-            config.batch_wait_timeout_s,
-            config.max_batch_images,
-            config.engine,
-            config.batching,
-            config.max_running_images,
-            config.admission,
-        ),
+        generator.bind(*generator_args(config, settings)),
         settings,
     )
