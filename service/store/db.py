@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, MetaData, create_engine, event, text
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -82,6 +83,13 @@ class Sessions(sessionmaker):
         lock = _WRITE_LOCKS.get(self.kw["bind"])
         with lock or contextlib.nullcontext(), super().begin() as session:
             yield session
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction on a bare connection, for Core statements on hot paths."""
+        engine = self.kw["bind"]
+        with _WRITE_LOCKS.get(engine) or contextlib.nullcontext(), engine.begin() as conn:
+            yield conn
 
 
 def make_sessionmaker(engine: Engine) -> Sessions:

@@ -7,16 +7,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Connection,
     DateTime,
     Float,
     Index,
     Integer,
     String,
     Text,
+    bindparam,
     func,
+    insert,
     or_,
     select,
     text,
@@ -91,7 +96,8 @@ class JobRecord:
     attempts: int = 1
 
     @classmethod
-    def of(cls, job: Job) -> JobRecord:
+    def of(cls, job: Job | Any) -> JobRecord:
+        """From an ORM Job or anything with its column attributes (a Core row)."""
         return cls(
             id=job.id,
             request_id=job.request_id,
@@ -160,45 +166,47 @@ class JobStore:
         if unit_price_micros < 0:
             raise ValueError(f"unit_price must not be negative, got {unit_price}")
         now = self._clock()
-        with self._sessions.begin() as session:
+        with self._sessions.write() as conn:
             # The key row's lock serializes every check-then-debit of one key (PostgreSQL);
             # SQLite's BEGIN IMMEDIATE already serializes all writers.
-            row = session.scalar(select(ApiKey).where(ApiKey.id == key.id).with_for_update())
+            row = conn.execute(_KEY_FOR_UPDATE, {"key_id": key.id}).first()
             if row is None or row.revoked_at is not None:
                 raise InvalidApiKey()
             limit = self._limits.concurrency(row.plan)
-            if _count_processing(session, row.key_hash) >= limit:
+            if _count_processing(conn, row.key_hash) >= limit:
                 raise ConcurrencyLimitExceeded(limit)
-            job = Job(
-                request_id=request_id,
-                key_hash=row.key_hash,
-                status=JobStatus.PROCESSING.value,
-                model_id=model_id,
-                samples=samples,
-                params=params,
-                meta=meta,
-                output_names=output_names,
-                webhook=webhook,
-                webhook_status="",
-                track_id=track_id,
-                created_at=now,
-                owner=owner,
-                heartbeat_at=now,
-                attempts=1,
-            )
-            session.add(job)
-            session.flush()
+            values = {
+                "request_id": request_id,
+                "key_hash": row.key_hash,
+                "status": JobStatus.PROCESSING.value,
+                "model_id": model_id,
+                "samples": samples,
+                "params": params,
+                "meta": meta,
+                "output_names": output_names,
+                "generation_time": None,
+                "message": None,
+                "webhook": webhook,
+                "webhook_status": "",
+                "track_id": track_id,
+                "created_at": now,
+                "finished_at": None,
+                "owner": owner,
+                "heartbeat_at": now,
+                "attempts": 1,
+            }
+            job_id = conn.execute(_INSERT_JOB, values).inserted_primary_key[0]
             ledger.reserve(
-                session,
+                conn,
                 row,
-                job_id=job.id,
+                job_id=job_id,
                 model_id=model_id,
                 images=samples,
                 unit_price_micros=unit_price_micros,
                 limits=self._limits,
                 now=now,
             )
-            return JobRecord.of(job)
+            return JobRecord.of(_Values(id=job_id, **values))
 
     def get(self, job_id: int) -> JobRecord | None:
         with self._sessions.read() as session:
@@ -210,30 +218,37 @@ class JobStore:
     ) -> JobRecord | None:
         """Mark a processing job successful and settle its charge; returns the finished job,
         or None if it had already ended."""
-        with self._sessions.begin() as session:
-            job = session.get(Job, job_id, with_for_update=True)
+        with self._sessions.write() as conn:
+            job = conn.execute(_JOB_FOR_UPDATE, {"job_id": job_id}).first()
             if job is None or job.status != JobStatus.PROCESSING:
                 return None
-            now = self._clock()
-            job.status = JobStatus.SUCCESS.value
-            job.generation_time = generation_time
-            job.meta = {**job.meta, **(meta_updates or {})}
-            job.finished_at = now
-            ledger.settle(session, job_id, now=now)
-            session.flush()
-            return JobRecord.of(job)
+            ended = {
+                "status": JobStatus.SUCCESS.value,
+                "generation_time": generation_time,
+                "meta": {**job.meta, **(meta_updates or {})},
+                "finished_at": self._clock(),
+            }
+            conn.execute(_END_JOB, {"job_id": job_id, **ended})
+            ledger.settle(conn, job_id, now=ended["finished_at"])
+            return JobRecord.of(_Values(**{**job._asdict(), **ended}))
 
     def fail(self, job_id: int, message: str) -> bool:
         """Mark a processing job failed and refund its reservation; False if it had ended."""
-        with self._sessions.begin() as session:
-            job = session.get(Job, job_id, with_for_update=True)
-            if job is None or job.status != JobStatus.PROCESSING:
+        with self._sessions.write() as conn:
+            status = conn.scalar(_JOB_STATUS_FOR_UPDATE, {"job_id": job_id})
+            if status != JobStatus.PROCESSING:
                 return False
             now = self._clock()
-            job.status = JobStatus.FAILED.value
-            job.message = message
-            job.finished_at = now
-            ledger.release(session, job_id, now=now)
+            conn.execute(
+                _END_JOB,
+                {
+                    "job_id": job_id,
+                    "status": JobStatus.FAILED.value,
+                    "message": message,
+                    "finished_at": now,
+                },
+            )
+            ledger.release(conn, job_id, now=now)
             return True
 
     def set_webhook_status(self, job_id: int, webhook_status: str) -> None:
@@ -301,7 +316,7 @@ class JobStore:
                         f"{job.attempts} times"
                     )
                     job.finished_at = now
-                    ledger.release(session, job.id, now=now)
+                    ledger.release(session.connection(), job.id, now=now)
                     failed.append(job.id)
                 else:
                     job.owner = owner
@@ -311,12 +326,36 @@ class JobStore:
         return claimed, failed
 
 
-def _count_processing(session: Session, key_hash: str) -> int:
-    return session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.key_hash == key_hash, Job.status == JobStatus.PROCESSING.value)
+# The statements of the per-request writes, built once: see ledger.py on why Core.
+_jobs = Job.__table__
+_keys = ApiKey.__table__
+_KEY_FOR_UPDATE = (
+    select(_keys.c.id, _keys.c.key_hash, _keys.c.plan, _keys.c.balance_micros, _keys.c.revoked_at)
+    .where(_keys.c.id == bindparam("key_id"))
+    .with_for_update()
+)
+_PROCESSING_OF_KEY = (
+    select(func.count())
+    .select_from(_jobs)
+    .where(
+        _jobs.c.key_hash == bindparam("key_hash"),
+        _jobs.c.status == JobStatus.PROCESSING.value,
     )
+)
+_INSERT_JOB = insert(_jobs)
+_JOB_FOR_UPDATE = select(_jobs).where(_jobs.c.id == bindparam("job_id")).with_for_update()
+_JOB_STATUS_FOR_UPDATE = (
+    select(_jobs.c.status).where(_jobs.c.id == bindparam("job_id")).with_for_update()
+)
+_END_JOB = update(_jobs).where(_jobs.c.id == bindparam("job_id"))
+
+
+class _Values(SimpleNamespace):
+    """Column values by attribute, as JobRecord.of reads a row."""
+
+
+def _count_processing(conn: Connection | Session, key_hash: str) -> int:
+    return conn.scalar(_PROCESSING_OF_KEY, {"key_hash": key_hash})
 
 
 # Imported last: the ledger's table refers to Job, so it imports this module in turn.

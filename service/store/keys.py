@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Protocol
 
 from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, Integer, String, func, select
 from sqlalchemy.exc import IntegrityError
@@ -38,6 +39,14 @@ class ApiKey(Base):
     balance_micros: Mapped[int] = mapped_column(BigInteger, default=0)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class KeyRow(Protocol):
+    """What billing reads of a key row: an ApiKey, or a Core row of its columns."""
+
+    id: int
+    plan: str
+    balance_micros: int
 
 
 @dataclass(frozen=True)

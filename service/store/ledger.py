@@ -17,14 +17,18 @@ from decimal import Decimal
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    Connection,
     DateTime,
     ForeignKey,
     Index,
     Integer,
     String,
     and_,
+    bindparam,
     exists,
     func,
+    insert,
+    literal,
     select,
     text,
     update,
@@ -35,7 +39,7 @@ from service.pricing import Plan, PlanLimits, format_usd, micros_to_usd
 from service.store.db import Base, Sessions
 from service.store.errors import InsufficientCredit, KeyNotFound
 from service.store.jobs import Job, JobStatus
-from service.store.keys import ApiKey, find_key
+from service.store.keys import ApiKey, KeyRow, find_key
 
 
 class EntryKind(enum.StrEnum):
@@ -153,9 +157,52 @@ def post_topup(session: Session, key: ApiKey, micros: int, *, now: datetime) -> 
     session.flush()
 
 
+# The per-request writes below are Core statements on the caller's connection: they run twice
+# per image request, and the ORM's unit of work cost several times the SQL itself.
+_entries = LedgerEntry.__table__
+_keys = ApiKey.__table__
+
+_INSERT_ENTRY = insert(_entries)
+_DEBIT = (
+    update(_keys)
+    .where(_keys.c.id == bindparam("key_id"))
+    .values(balance_micros=_keys.c.balance_micros - bindparam("amount"))
+)
+_RESERVATION = select(
+    _entries.c.key_id,
+    _entries.c.model_id,
+    _entries.c.images,
+    _entries.c.unit_price_micros,
+    _entries.c.amount_micros,
+).where(_entries.c.job_id == bindparam("job_id"), _entries.c.kind == EntryKind.RESERVE.value)
+# settle: the reserve row copied as the job's outcome, amount 0, in one statement
+_SETTLE = insert(_entries).from_select(
+    [
+        "key_id",
+        "job_id",
+        "model_id",
+        "kind",
+        "images",
+        "unit_price_micros",
+        "amount_micros",
+        "created_at",
+    ],
+    select(
+        _entries.c.key_id,
+        _entries.c.job_id,
+        _entries.c.model_id,
+        literal(EntryKind.SETTLE.value, String),
+        _entries.c.images,
+        _entries.c.unit_price_micros,
+        literal(0, BigInteger),
+        bindparam("now", type_=DateTime(timezone=True)),
+    ).where(_entries.c.job_id == bindparam("job_id"), _entries.c.kind == EntryKind.RESERVE.value),
+)
+
+
 def reserve(
-    session: Session,
-    key: ApiKey,
+    conn: Connection,
+    key: KeyRow,
     *,
     job_id: int,
     model_id: str,
@@ -163,8 +210,9 @@ def reserve(
     unit_price_micros: int,
     limits: PlanLimits,
     now: datetime,
-) -> LedgerEntry:
-    """Hold the cost of all `images` of a job; InsufficientCredit if it is not covered in full.
+) -> int:
+    """Hold the cost of all `images` of a job and return it; InsufficientCredit if it is not
+    covered in full.
 
     The caller must hold the key row's lock so that checks and debits of one key serialize.
     """
@@ -178,7 +226,7 @@ def reserve(
         )
     if plan is Plan.FREE:
         allowance = limits.free_images_per_month
-        used = free_images_used(session, key.id, since=PlanLimits.month_start(now))
+        used = free_images_used(conn, key.id, since=PlanLimits.month_start(now))
         if used >= allowance:
             raise InsufficientCredit(
                 f"Your free monthly allowance of {allowance} images is used up"
@@ -189,82 +237,64 @@ def reserve(
                 f"free monthly allowance of {allowance} images are left"
             )
     if cost:
-        key.balance_micros = int(key.balance_micros) - cost
-    entry = LedgerEntry(
-        key_id=key.id,
-        job_id=job_id,
-        model_id=model_id,
-        kind=EntryKind.RESERVE.value,
-        images=images,
-        unit_price_micros=unit,
-        amount_micros=-cost,
-        created_at=now,
+        conn.execute(_DEBIT, {"key_id": key.id, "amount": cost})
+    conn.execute(
+        _INSERT_ENTRY,
+        {
+            "key_id": key.id,
+            "job_id": job_id,
+            "model_id": model_id,
+            "kind": EntryKind.RESERVE.value,
+            "images": images,
+            "unit_price_micros": unit,
+            "amount_micros": -cost,
+            "created_at": now,
+        },
     )
-    session.add(entry)
-    session.flush()
-    return entry
+    return cost
 
 
-def settle(session: Session, job_id: int, *, now: datetime) -> bool:
+def settle(conn: Connection, job_id: int, *, now: datetime) -> bool:
     """Make a job's reservation final (its images were delivered); False if it had none."""
-    held = _reservation(session, job_id)
-    if held is None:
-        return False
-    session.add(_outcome(held, EntryKind.SETTLE, amount_micros=0, now=now))
-    session.flush()
-    return True
+    return conn.execute(_SETTLE, {"job_id": job_id, "now": now}).rowcount == 1
 
 
-def release(session: Session, job_id: int, *, now: datetime) -> bool:
+def release(conn: Connection, job_id: int, *, now: datetime) -> bool:
     """Give a failed job's reservation back to its key; False if it had none."""
-    held = _reservation(session, job_id)
+    held = conn.execute(_RESERVATION, {"job_id": job_id}).first()
     if held is None:
         return False
     refund = -int(held.amount_micros)
     if refund:
-        session.execute(
-            update(ApiKey)
-            .where(ApiKey.id == held.key_id)
-            .values(balance_micros=ApiKey.balance_micros + refund)
-        )
-    session.add(_outcome(held, EntryKind.RELEASE, amount_micros=refund, now=now))
-    session.flush()
+        conn.execute(_DEBIT, {"key_id": held.key_id, "amount": -refund})
+    conn.execute(
+        _INSERT_ENTRY,
+        {
+            "key_id": held.key_id,
+            "job_id": job_id,
+            "model_id": held.model_id,
+            "kind": EntryKind.RELEASE.value,
+            "images": held.images,
+            "unit_price_micros": held.unit_price_micros,
+            "amount_micros": refund,
+            "created_at": now,
+        },
+    )
     return True
 
 
-def free_images_used(session: Session, key_id: int, *, since: datetime) -> int:
+def free_images_used(conn: Connection | Session, key_id: int, *, since: datetime) -> int:
     """Images reserved since `since` by a key and not released (in flight or delivered)."""
-    released = aliased(LedgerEntry)
-    query = select(func.coalesce(func.sum(LedgerEntry.images), 0)).where(
-        LedgerEntry.key_id == key_id,
-        LedgerEntry.kind == EntryKind.RESERVE.value,
-        LedgerEntry.created_at >= since,
+    released = _entries.alias("released")
+    query = select(func.coalesce(func.sum(_entries.c.images), 0)).where(
+        _entries.c.key_id == key_id,
+        _entries.c.kind == EntryKind.RESERVE.value,
+        _entries.c.created_at >= since,
         ~exists().where(
-            released.job_id == LedgerEntry.job_id, released.kind == EntryKind.RELEASE.value
+            released.c.job_id == _entries.c.job_id, released.c.kind == EntryKind.RELEASE.value
         ),
     )
-    return int(session.scalar(query))
-
-
-def _reservation(session: Session, job_id: int) -> LedgerEntry | None:
-    return session.scalar(
-        select(LedgerEntry).where(
-            LedgerEntry.job_id == job_id, LedgerEntry.kind == EntryKind.RESERVE.value
-        )
-    )
-
-
-def _outcome(held: LedgerEntry, kind: EntryKind, *, amount_micros: int, now: datetime):
-    return LedgerEntry(
-        key_id=held.key_id,
-        job_id=held.job_id,
-        model_id=held.model_id,
-        kind=kind.value,
-        images=held.images,
-        unit_price_micros=held.unit_price_micros,
-        amount_micros=amount_micros,
-        created_at=now,
-    )
+    return int(conn.scalar(query))
 
 
 class Ledger:
