@@ -142,6 +142,17 @@ class Settings(BaseSettings):
     max_inflight_jobs: int = Field(
         256, ge=1, description="Jobs one ingress replica runs at once; beyond that: 429."
     )
+    generator_call_max_requests: int = Field(
+        8,
+        ge=1,
+        description="Requests for one model that the ingress sends to the generator in one "
+        "Ray call (1: one call per request). Each still batches on its own there.",
+    )
+    generator_call_window_s: float = Field(
+        0.002,
+        ge=0,
+        description="How long a request waits for others to share its generator call.",
+    )
     heartbeat_interval_s: float = Field(
         5.0, gt=0, description="How often an ingress replica marks its running jobs alive."
     )

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import pickle
 import time
 from collections import defaultdict
 
@@ -175,6 +176,14 @@ class Generator:
             raise result
         return result
 
+    async def generate_many(self, batch: list[GenerationParams]) -> list:
+        """Requests the ingress sent in one call (see GeneratorFleet): each is generated as if
+        it had come alone; a failed one gets its exception in its place."""
+        results = await asyncio.gather(
+            *(self.generate(params) for params in batch), return_exceptions=True
+        )
+        return [_sendable(r) if isinstance(r, BaseException) else r for r in results]
+
     # ---- what the enterprise routes ask of a replica -------------------------------------------
 
     async def load_model(self, model_id: str, reload: bool = False) -> dict:
@@ -284,6 +293,15 @@ class Generator:
                 torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
             )
         return outputs
+
+
+def _sendable(exc: BaseException) -> BaseException:
+    """The exception itself if it survives pickling on its way back, else its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 def _is_fatal_device_error(exc: BaseException) -> bool:

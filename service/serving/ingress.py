@@ -70,29 +70,82 @@ def build_image_service(settings: Settings, generate, metrics=None) -> ImageServ
 
 class GeneratorFleet:
     """The generator deployment as the ingress sees it: generation routed by model, retried
-    when a replica dies under it, and the per-replica operations of the enterprise routes."""
+    when a replica dies under it, and the per-replica operations of the enterprise routes.
 
-    def __init__(self, handle: DeploymentHandle):
+    Requests for one model that arrive within `window_s` of each other travel in one Ray call
+    (up to `max_per_call`): a Serve call costs both replicas milliseconds of CPU, more than
+    the ingress's own work per request. The generator takes each request of a call into its
+    batching as if it had come alone, and a failure fails only its own request.
+    """
+
+    def __init__(self, handle: DeploymentHandle, *, max_per_call: int = 1, window_s: float = 0):
         self._handle = handle
+        self._max_per_call = max_per_call
+        self._window_s = window_s
+        self._gathering: dict[str, _Call] = {}
+        self._sent: set[asyncio.Task] = set()
 
     def _for_model(self, model_id: str) -> DeploymentHandle:
         return self._handle.options(multiplexed_model_id=model_id)
 
     async def generate(self, params: GenerationParams) -> GenerationOutput:
-        for attempt in range(1, REPLICA_ATTEMPTS + 1):
-            try:
-                return await self._for_model(params.model_id).generate.remote(params)
-            except REPLICA_GONE as exc:
-                if attempt == REPLICA_ATTEMPTS:
-                    raise
-                log.warning(
-                    "generator replica lost (%s); retrying, attempt %d of %d",
-                    type(exc).__name__,
-                    attempt + 1,
-                    REPLICA_ATTEMPTS,
-                )
-                await asyncio.sleep(REPLICA_RETRY_DELAY_S * attempt)
-        raise AssertionError("unreachable")
+        if self._max_per_call <= 1:
+            return await _with_replica_retries(
+                lambda: self._for_model(params.model_id).generate.remote(params)
+            )
+        loop = asyncio.get_running_loop()
+        call = self._gathering.get(params.model_id)
+        if call is None:
+            call = self._gathering[params.model_id] = _Call(params.model_id)
+            loop.call_later(self._window_s, self._send, call)
+        answer = loop.create_future()
+        call.waiting.append((params, answer))
+        if len(call.waiting) >= self._max_per_call:
+            self._send(call)
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            # the last request of a sent call gone (clear_queue, client away): stop the call
+            if call.task is not None and all(a.cancelled() for _, a in call.waiting):
+                call.task.cancel()
+            raise
+
+    def _send(self, call: _Call) -> None:
+        if call.task is not None:
+            return  # already sent when it filled up, before its window ended
+        if self._gathering.get(call.model_id) is call:
+            del self._gathering[call.model_id]
+        call.task = asyncio.get_running_loop().create_task(self._run(call))
+        self._sent.add(call.task)
+        call.task.add_done_callback(self._sent.discard)
+
+    async def _run(self, call: _Call) -> None:
+        if all(answer.done() for _, answer in call.waiting):
+            return  # every request of it was cancelled before it left
+
+        def send():
+            # a retry carries only the requests still waiting
+            call.live = [(p, a) for p, a in call.waiting if not a.done()]
+            return self._for_model(call.model_id).generate_many.remote([p for p, _ in call.live])
+
+        try:
+            results = await _with_replica_retries(send)
+        except asyncio.CancelledError:
+            for _, answer in call.waiting:
+                answer.cancel()
+            raise
+        except Exception as exc:
+            for _, answer in call.live:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        for (_, answer), result in zip(call.live, results, strict=True):
+            if answer.done():
+                continue
+            if isinstance(result, BaseException):
+                answer.set_exception(result)
+            else:
+                answer.set_result(result)
 
     async def ready(self) -> bool:
         try:
@@ -113,10 +166,42 @@ class GeneratorFleet:
         return await self._handle.request_restart.remote()
 
 
+class _Call:
+    """Requests gathered for one generator call."""
+
+    def __init__(self, model_id: str):
+        self.model_id = model_id
+        self.waiting: list[tuple[GenerationParams, asyncio.Future]] = []
+        self.live: list[tuple[GenerationParams, asyncio.Future]] = []
+        self.task: asyncio.Task | None = None
+
+
+async def _with_replica_retries(send):
+    """`send()` and await its answer; again (a new call) while the replica it went to died."""
+    for attempt in range(1, REPLICA_ATTEMPTS + 1):
+        try:
+            return await send()
+        except REPLICA_GONE as exc:
+            if attempt == REPLICA_ATTEMPTS:
+                raise
+            log.warning(
+                "generator replica lost (%s); retrying, attempt %d of %d",
+                type(exc).__name__,
+                attempt + 1,
+                REPLICA_ATTEMPTS,
+            )
+            await asyncio.sleep(REPLICA_RETRY_DELAY_S * attempt)
+    raise AssertionError("unreachable")
+
+
 @serve.ingress()
 class Ingress:
     def __init__(self, generator: DeploymentHandle, settings: Settings):
-        self.fleet = GeneratorFleet(generator)
+        self.fleet = GeneratorFleet(
+            generator,
+            max_per_call=settings.generator_call_max_requests,
+            window_s=settings.generator_call_window_s,
+        )
         self.settings = settings
         self.service = build_image_service(settings, self.fleet.generate, get_metrics())
 
