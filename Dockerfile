@@ -47,7 +47,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
-    RAY_USAGE_STATS_ENABLED=0
+    RAY_USAGE_STATS_ENABLED=0 \
+    RAY_SERVE_USE_GRPC_BY_DEFAULT=1
 
 # bash, wget and grep: KubeRay runs `ray start` under `/bin/bash -lc` and its Serve readiness
 # probe on workers is `bash -c "wget ... /-/healthz | grep success"`. Ubuntu's archive moves

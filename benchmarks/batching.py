@@ -469,7 +469,10 @@ def run_serve(args, folder: Path, save) -> tuple[dict, float]:
     import ray
     from ray import serve
 
+    from service.serving.app import apply_ray_env
+
     gpus = 0.5 if args.device.startswith("cuda") else 0  # both replicas on one GPU, idle by turns
+    apply_ray_env()
     ray.init(
         num_cpus=max(4, 2 * int(args.generator_num_cpus) + 1),
         include_dashboard=False,

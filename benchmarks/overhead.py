@@ -9,12 +9,13 @@ duration) drives in turn:
          `engine: service.engine.blank:BlankEngine`: auth, validation, ledger reserve and job
          row, the generator hop and its batching, PNG storage, settle, the response
 
-Rounds alternate (echo, full, echo, full, ...) so that background load on a shared machine
-falls on both alike. Prints requests/s and p50/p95 latency of each, the ratio of requests/s
-(target: full keeps at least half of echo's) and the p50 latency the full path adds; writes
-JSON under benchmarks/results/.
+Both run in the same Ray environment (sdserve's RAY_ENV) with the same number of replicas
+(`--replicas`, default 2: one per core on the 2-core machine this was written on). Rounds
+alternate (echo, full, echo, full, ...) so that background load falls on both alike. Prints
+requests/s and p50/p95 latency of each, the ratio of requests/s (target: full keeps at least
+half of echo's) and the p50 latency the full path adds; writes JSON under benchmarks/results/.
 
-    .venv/bin/python benchmarks/overhead.py                 # ~2 minutes on 2 cores
+    .venv/bin/python benchmarks/overhead.py                 # ~2.5 minutes on 2 cores
     .venv/bin/python benchmarks/overhead.py --profile-dir /tmp/prof   # + py-spy of replicas
 """
 
@@ -121,12 +122,13 @@ def expect_success(response) -> str | None:
 # ---- the deployments ---------------------------------------------------------------------------
 
 
-def echo_app(max_ongoing_requests: int, num_cpus: float):
+def echo_app(max_ongoing_requests: int, num_cpus: float, replicas: int = 1):
     from ray import serve
     from starlette.requests import Request
 
     @serve.deployment(
         name="Echo",
+        num_replicas=replicas,
         max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": num_cpus},
     )
@@ -138,14 +140,21 @@ def echo_app(max_ongoing_requests: int, num_cpus: float):
 
 
 def full_app_args(data_dir: Path, base_url: str, args) -> dict[str, Any]:
+    from service.config import DEFAULT_MODEL_ID
+    from service.engine.tiny_model import build_tiny_model
+
+    # The blank engine never loads it, but the model registry reads its configs (sizes, price).
+    model_dir = build_tiny_model(data_dir / "tiny-sd2")
     return {
         "engine": "service.engine.blank:BlankEngine",
         "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "ingress_max_ongoing_requests": args.max_ongoing_requests,
+        "ingress_replicas": args.replicas,
         "ingress_num_cpus": args.num_cpus,
         "generator_num_cpus": args.num_cpus,
         "settings": {
+            "models": {DEFAULT_MODEL_ID: str(model_dir)},
             "database_url": args.database_url or f"sqlite:///{data_dir / 'bench.db'}",
             "image_store_url": str(data_dir / "images"),
             "public_base_url": base_url,
@@ -155,6 +164,7 @@ def full_app_args(data_dir: Path, base_url: str, args) -> dict[str, Any]:
             # a premium admin key created at start; its plan's limit raised out of the way
             "admin_key": BENCH_KEY,
             "max_concurrent_requests": {"free": 5, "pay_per_use": 10, "premium": 100_000},
+            "generator_call_max_requests": args.max_per_call,
         },
     }
 
@@ -176,28 +186,31 @@ def wait_until_up(url: str, timeout_s: float = 120) -> None:
 # ---- profiling ---------------------------------------------------------------------------------
 
 
-def replica_pids() -> dict[str, int]:
-    """Pids of this cluster's proxy and replicas (from the GCS, not the process table)."""
+def replica_pids() -> dict[str, list[int]]:
+    """Pids of this cluster's proxy and replicas, by deployment (from the GCS)."""
     from ray._private import state
 
-    pids = {}
+    pids: dict[str, list[int]] = {}
     for info in state.actors().values():
         name = info.get("ActorClassName", "")
         if info.get("State") != "ALIVE" or not info.get("Pid"):
             continue
         for wanted in ("Ingress", "Generator", "Echo", "ProxyActor"):
             if name.endswith(wanted):
-                pids[wanted] = info["Pid"]
+                pids.setdefault(wanted, []).append(info["Pid"])
     return pids
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def start_profilers(out_dir: Path, duration_s: float, names: list[str]) -> list:
@@ -208,8 +221,18 @@ def start_profilers(out_dir: Path, duration_s: float, names: list[str]) -> list:
         if name not in pids:
             continue
         raw = out_dir / f"{name}.txt"
-        command = [py_spy, "record", "--pid", str(pids[name]), "--duration", str(int(duration_s))]
-        command += ["--rate", "50", "--format", "raw", "--output", str(raw), "--nonblocking"]
+        command = [py_spy, "record", "--pid", str(pids[name][0])]
+        command += ["--duration", str(int(duration_s))]
+        command += [
+            "--rate",
+            "50",
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+            "--nonblocking",
+            "--gil",
+        ]
         processes.append((name, raw, subprocess.Popen(command, stdout=subprocess.DEVNULL)))
     return processes
 
@@ -269,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.1)
     parser.add_argument("--num-cpus", type=float, default=0.5, help="per replica")
+    parser.add_argument(
+        "--replicas", type=int, default=2, help="of the echo and of the ingress alike"
+    )
+    parser.add_argument(
+        "--max-per-call", type=int, default=8, help="requests per generator call (1: no sharing)"
+    )
     parser.add_argument("--database-url", default="", help="default: SQLite in a temp folder")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead-cpu.json"
@@ -281,19 +310,22 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from service.serving.app import build_app
+    from service.serving.app import RAY_ENV, apply_ray_env, build_app
 
     data_dir = Path(tempfile.mkdtemp(prefix="sdserve-overhead-"))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     load_before = os.getloadavg()
+    apply_ray_env()  # as sdserve runs Ray; the echo shares the cluster, so it gets it too
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     results: dict[str, list] = {"echo": [], "full": []}
     profiles = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(
-            echo_app(args.max_ongoing_requests, args.num_cpus), name="echo", route_prefix="/echo"
+            echo_app(args.max_ongoing_requests, args.num_cpus, args.replicas),
+            name="echo",
+            route_prefix="/echo",
         )
         serve.run(build_app(full_app_args(data_dir, base, args)), name="sdserve", route_prefix="/")
         wait_until_up(f"{base}/readyz")
@@ -315,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 found = replica_pids()
                 pids = {c: found[c] for c in components if c in found}
-                pids["client"] = os.getpid()
+                pids["client"] = [os.getpid()]
                 cpu_before = {c: cpu_seconds(pid) for c, pid in pids.items()}
                 figures = asyncio.run(
                     closed_loop(
@@ -378,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
             "max_batch_size": args.max_batch_size,
             "batch_wait_timeout_s": args.batch_wait_timeout_s,
             "num_cpus_per_replica": args.num_cpus,
+            "echo_and_ingress_replicas": args.replicas,
+            "generator_call_max_requests": args.max_per_call,
+            "ray_env": {name: os.environ.get(name) for name in RAY_ENV},
             "database": "postgresql" if args.database_url.startswith("postgres") else "sqlite",
             "client": "httpx.AsyncClient in the driver process",
         },

@@ -97,7 +97,7 @@ def _serve(args) -> int:
     from ray import serve
 
     from service.config import load_settings
-    from service.serving.app import build_app
+    from service.serving.app import apply_ray_env, build_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app_args, http_options = load_serve_config(args.config)
@@ -109,6 +109,7 @@ def _serve(args) -> int:
     _ensure_models(overrides)
     settings = load_settings(**overrides)
 
+    apply_ray_env()
     ray.init(
         include_dashboard=False,
         configure_logging=False,

@@ -68,6 +68,9 @@ def running_app(
             "_metrics_export_port": metrics_port,
             "_system_config": {"metrics_report_interval_ms": 500},
         }
+    from service.serving.app import apply_ray_env
+
+    apply_ray_env()  # as `sdserve serve` and the image run Ray
     ray.init(
         num_cpus=4,
         include_dashboard=False,

@@ -181,6 +181,10 @@ class KeyedRequest(BaseModel):
 class Text2ImgRequest(KeyedRequest):
     """`POST /api/v6/images/text2img` and its v3/v4/v7 twins."""
 
+    # The schema says what clients must send; the check itself is to_params', so that a missing
+    # prompt gets the ModelsLab error envelope rather than FastAPI's 422.
+    model_config = ConfigDict(extra="allow", json_schema_extra={"required": ["prompt"]})
+
     model_id: Name = Field(
         None,
         description="A served model (`POST /api/v4/dreambooth/model_list` lists them); omitted: "
@@ -246,7 +250,7 @@ class Text2ImgRequest(KeyedRequest):
         None,
         description=f'Seed, 1 to {MAX_SEED}; null, -1, "" or 0 pick a random one. The seed '
         "used is in `meta.seed`; image i uses seed + i, so a seed repeats its images.",
-        json_schema_extra={"maximum": MAX_SEED, "examples": [12345]},
+        json_schema_extra={"minimum": -1, "maximum": MAX_SEED, "examples": [12345]},
     )
     scheduler: Name = Field(
         None,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -12,6 +13,18 @@ from ray.serve import Application
 from service.config import load_settings
 from service.serving.generator import Generator
 from service.serving.ingress import Ingress
+
+# The environment every Ray process of sdserve runs with (set before Ray starts: the proxy and
+# replicas read it at import). Serve's gRPC data plane, proxy -> ingress -> generator, is one
+# switch of its throughput-optimized mode: it halved the CPU a generator call costs each side
+# compared with actor calls (benchmarks/overhead.py, docs/loadtests.md).
+RAY_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+
+
+def apply_ray_env() -> None:
+    """RAY_ENV into this process's environment, unless already set (before ray.init)."""
+    for name, value in RAY_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 class AppConfig(BaseModel):

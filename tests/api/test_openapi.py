@@ -127,6 +127,8 @@ def test_each_request_field_has_a_description_and_the_servers_bounds(document):
     )
     assert (fields["guidance_scale"]["minimum"], fields["guidance_scale"]["maximum"]) == (1, 20)
     assert (fields["clip_skip"]["minimum"], fields["clip_skip"]["maximum"]) == (1, 8)
+    assert (fields["seed"]["minimum"], fields["seed"]["maximum"]) == (-1, 2**32 - 1)
+    assert document["components"]["schemas"]["Text2ImgRequest"]["required"] == ["prompt"]
     assert fields["model_id"]["examples"] == ["stable-diffu"]
     assert sorted(fields["scheduler"]["examples"]) == sorted(SCHEDULERS)
     assert fields["scheduler"]["examples"][0] == fields["scheduler"]["default"]

@@ -93,7 +93,11 @@ def test_a_known_mix_shows_up_in_the_scrape(app):
     deadline = time.monotonic() + 30
     while True:
         samples = scrape(metrics_url)
-        if total(samples, "ray_sdserve_job_duration_seconds_count") >= 8:
+        # the ingress's and the generator's figures reach the exporter each on their own
+        if (
+            total(samples, "ray_sdserve_job_duration_seconds_count") >= 8
+            and total(samples, "ray_sdserve_images_generated_total") >= 4 + 20
+        ):
             break
         assert time.monotonic() < deadline, "metrics never caught up"
         time.sleep(0.5)
