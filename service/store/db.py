@@ -33,10 +33,17 @@ class Base(DeclarativeBase):
     )
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite files get their folder, WAL and a busy timeout."""
+def make_engine(url: str, connect_timeout_s: int = 5) -> Engine:
+    """An engine for `url`; SQLite files get their folder, WAL and a busy timeout.
+
+    A PostgreSQL server that stops answering fails a connection after `connect_timeout_s`
+    (libpq's own default waits for the OS, minutes), so requests get a prompt 503.
+    """
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        connect_args = {"connect_timeout": connect_timeout_s} if "postgres" in url else {}
+        return create_engine(
+            url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args
+        )
     path = url.split("///", 1)[-1]
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)

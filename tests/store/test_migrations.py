@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
+from sqlalchemy.exc import OperationalError
 
 from service.store.db import MIGRATIONS_DIR, Base, make_engine, migrate
 
@@ -32,3 +37,20 @@ def test_0002_downgrades_and_upgrades(tmp_path):
     migrate(engine)
     assert {"api_keys", "ledger_entries"} <= set(inspect(engine).get_table_names())
     engine.dispose()
+
+
+def test_a_postgresql_server_that_never_answers_fails_the_connection_promptly():
+    """A server that takes the TCP connection but never speaks (a hung or blackholed database):
+    the connection fails after the connect timeout instead of waiting on the OS."""
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes handshakes; nothing ever accepts or answers
+        port = silent.getsockname()[1]
+        engine = make_engine(
+            f"postgresql+psycopg://sdserve@127.0.0.1:{port}/x", connect_timeout_s=2
+        )
+        started = time.monotonic()
+        with pytest.raises(OperationalError):
+            engine.connect()
+        assert time.monotonic() - started < 10
