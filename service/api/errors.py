@@ -72,6 +72,14 @@ def error_response(error: ApiError, strict: bool) -> JSONResponse:
     return JSONResponse(error_body(error.message, **extra), status_code=status, headers=headers)
 
 
+# FastAPI's detail when reading the body fails other than by a JSON syntax error
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+BODY_NOT_PARSED = (
+    "request body could not be parsed: JSON nested too deeply, a number too long, "
+    "or text that is not UTF-8"
+)
+
+
 def describe_validation_error(exc: RequestValidationError) -> str:
     """Turn pydantic's errors into the ModelsLab style: `field rule; field rule`."""
     parts = []
@@ -128,6 +136,11 @@ def install_error_handlers(app: FastAPI, strict: bool) -> None:
             kind, message = ErrorKind.NOT_FOUND, "Not found"
         elif exc.status_code == 405:
             return JSONResponse(error_body("Method not allowed: use POST"), status_code=405)
+        elif exc.status_code == 400 and exc.detail == FASTAPI_BODY_PARSE_ERROR:
+            # JSON the parser gives up on: a bad body like any other, as malformed JSON is
+            error = ApiError(ErrorKind.VALIDATION, BODY_NOT_PARSED)
+            _record(_request, error)
+            return error_response(error, strict)
         else:
             kind, message = ErrorKind.VALIDATION, str(exc.detail)
         # Unknown paths are real 404s even in ModelsLab mode: no client branches on them.

@@ -194,6 +194,16 @@ def test_bad_input_is_named_and_nothing_is_stored(env):
         "message": "request body is not valid JSON",
         "messege": "request body is not valid JSON",
     }
+    too_deep = b'{"key": "x", "prompt": ' + b"[" * 1500 + b"]" * 1500 + b"}"
+    not_utf8 = b'{"key": "x", "prompt": "\xc3\x28"}'
+    for unreadable in (too_deep, not_utf8):
+        r = client.post(
+            "/api/v6/images/text2img",
+            content=unreadable,
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 200, r.text  # like every other bad body in ModelsLab mode
+        assert r.json()["status"] == "error" and "could not be parsed" in r.json()["message"]
     big = client.post("/api/v6/images/text2img", json={"key": KEY, "prompt": "x" * 5000})
     assert big.status_code == 413 and "larger than the limit of 4096 bytes" in big.json()["message"]
     assert engine.calls == []
