@@ -130,6 +130,10 @@ API_ERRORS = {
         'not-found (404) errors. By default these answer HTTP 200 with `status: "error"`.'
     ),
     "413": _envelope("The body is larger than SDSERVE_MAX_BODY_BYTES."),
+    "503": _envelope(
+        "The database is unreachable: nothing was written or charged; retry after "
+        "`retry_after` seconds (also the Retry-After header)."
+    ),
 }
 
 
