@@ -81,3 +81,60 @@ def test_forty_requests_against_a_concurrency_limit_of_fifteen(db):
 def _limits(**overrides: int) -> PlanLimits:
     limits = {"free": 5, "pay_per_use": 10, "premium": 15, **overrides}
     return PlanLimits(max_concurrent=limits, free_images_per_month=25)
+
+
+def _spend_from_another_process(url: str, key_id: int, attempts: int, go) -> int:
+    """In a separate process (as a second ingress replica is): `attempts` one-image requests
+    of key `key_id`, started when `go` is set; returns how many were accepted."""
+    from service.store.db import make_engine, make_sessionmaker
+    from service.store.jobs import JobStore
+    from service.store.keys import KeyStore
+
+    sessions = make_sessionmaker(make_engine(url))
+    key = KeyStore(sessions).get(key_id)
+    jobs = JobStore(sessions, _limits(pay_per_use=1000))
+    go.wait()
+    accepted = 0
+    for _ in range(attempts):
+        try:
+            jobs.create(
+                request_id=str(uuid.uuid4()),
+                key=key,
+                model_id="stable-diffu",
+                samples=1,
+                params={},
+                meta={},
+                output_names=["x-0.png"],
+                unit_price=PRICE,
+            )
+            accepted += 1
+        except InsufficientCredit:
+            pass
+    return accepted
+
+
+def test_processes_sharing_a_sqlite_file_never_overspend_a_key(tmp_path):
+    """Two ingress replicas on one SQLite file: 3 processes x 30 requests against a balance
+    for 25 images — exactly 25 accepted, nothing lost to lock timeouts."""
+    import multiprocessing
+
+    from service.store.db import make_engine, make_sessionmaker, migrate
+    from service.store.keys import KeyStore
+    from service.store.ledger import Ledger
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    engine = make_engine(url)
+    migrate(engine)
+    sessions = make_sessionmaker(engine)
+    _, key = KeyStore(sessions).create("shared", Plan.PAY_PER_USE, balance=PRICE * 25)
+    context = multiprocessing.get_context("spawn")
+    go = context.Manager().Event()
+    with context.Pool(3) as pool:
+        pending = [
+            pool.apply_async(_spend_from_another_process, (url, key.id, 30, go)) for _ in range(3)
+        ]
+        go.set()
+        accepted = sum(result.get(timeout=120) for result in pending)
+    assert accepted == 25
+    assert KeyStore(sessions).get(key.id).balance_micros == 0
+    assert Ledger(sessions).audit() == []
