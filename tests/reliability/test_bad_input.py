@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 
 from service.api.errors import BODY_NOT_PARSED
 from service.api.protocol import Text2ImgRequest
-from tests.reliability.helpers import build_api, postgres_database, postgres_url
+from tests.postgres import postgres_database, postgres_url
+from tests.reliability.helpers import build_api
 
 TEXT2IMG = "/api/v6/images/text2img"
 SMALL = {"prompt": "x", "width": 64, "height": 64}

@@ -22,7 +22,8 @@ from service.store.jobs import Job
 from service.store.keys import KeyStore
 from service.store.ledger import Ledger
 from tests.conftest import running_app
-from tests.reliability.helpers import POSTGRES_ADMIN, TcpProxy, postgres_database, postgres_url
+from tests.postgres import POSTGRES_ADMIN, postgres_database, postgres_url
+from tests.reliability.helpers import TcpProxy
 
 pytestmark = pytest.mark.slow
 

@@ -6,14 +6,11 @@ on the local server for the session (tables emptied between tests) and dropped a
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import sessionmaker
@@ -23,9 +20,9 @@ from service.store.db import make_engine, make_sessionmaker, migrate
 from service.store.jobs import JobStore
 from service.store.keys import KeyStore
 from service.store.ledger import Ledger
+from tests.postgres import postgres_database, postgres_url
 
 # The server's maintenance database; the tests create and drop their own next to it.
-POSTGRES_ADMIN = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TABLES = ("ledger_entries", "jobs", "api_keys")
 LIMITS = PlanLimits(
     max_concurrent={Plan.FREE: 5, Plan.PAY_PER_USE: 10, Plan.PREMIUM: 15},
@@ -75,22 +72,13 @@ def sqlite_template(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def postgres_engine():
-    name = f"sdserve_t_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN}: {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = POSTGRES_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1)
-    engine = make_engine(url.rsplit("/", 1)[0] + "/" + name)
-    try:
-        migrate(engine)
-        yield engine
-    finally:
-        engine.dispose()
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database("t") as (name, _admin):
+        engine = make_engine(postgres_url(name))
+        try:
+            migrate(engine)
+            yield engine
+        finally:
+            engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

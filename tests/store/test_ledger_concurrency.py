@@ -14,6 +14,19 @@ PRICE = Decimal("0.0047")
 THREADS = 40
 
 
+def one_image_request(jobs, key):
+    return jobs.create(
+        request_id=str(uuid.uuid4()),
+        key=key,
+        model_id="stable-diffu",
+        samples=1,
+        params={},
+        meta={},
+        output_names=["x-0.png"],
+        unit_price=PRICE,
+    )
+
+
 def race(db, key, jobs):
     """THREADS one-image requests released at the same instant; returns (jobs, refusals)."""
     start = threading.Barrier(THREADS)
@@ -21,16 +34,7 @@ def race(db, key, jobs):
     def one(_):
         start.wait()
         try:
-            return jobs.create(
-                request_id=str(uuid.uuid4()),
-                key=key,
-                model_id="stable-diffu",
-                samples=1,
-                params={},
-                meta={},
-                output_names=["x-0.png"],
-                unit_price=PRICE,
-            )
+            return one_image_request(jobs, key)
         except (InsufficientCredit, ConcurrencyLimitExceeded) as exc:
             return exc
 
@@ -97,16 +101,7 @@ def _spend_from_another_process(url: str, key_id: int, attempts: int, go) -> int
     accepted = 0
     for _ in range(attempts):
         try:
-            jobs.create(
-                request_id=str(uuid.uuid4()),
-                key=key,
-                model_id="stable-diffu",
-                samples=1,
-                params={},
-                meta={},
-                output_names=["x-0.png"],
-                unit_price=PRICE,
-            )
+            one_image_request(jobs, key)
             accepted += 1
         except InsufficientCredit:
             pass
