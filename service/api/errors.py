@@ -131,7 +131,7 @@ def install_error_handlers(app: FastAPI, strict: bool) -> None:
         return error_response(error, strict)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException):
+    async def _http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
             kind, message = ErrorKind.NOT_FOUND, "Not found"
         elif exc.status_code == 405:
@@ -139,7 +139,7 @@ def install_error_handlers(app: FastAPI, strict: bool) -> None:
         elif exc.status_code == 400 and exc.detail == FASTAPI_BODY_PARSE_ERROR:
             # JSON the parser gives up on: a bad body like any other, as malformed JSON is
             error = ApiError(ErrorKind.VALIDATION, BODY_NOT_PARSED)
-            _record(_request, error)
+            _record(request, error)
             return error_response(error, strict)
         else:
             kind, message = ErrorKind.VALIDATION, str(exc.detail)

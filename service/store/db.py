@@ -46,11 +46,11 @@ def make_engine(url: str, connect_timeout_s: int = 5) -> Engine:
             url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args
         )
     path = url.split("///", 1)[-1]
-    if path and path != ":memory:":
+    on_disk = bool(path) and path != ":memory:"
+    if on_disk:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
-    on_disk = bool(path) and path != ":memory:"
     _WRITE_LOCKS[engine] = WriterLock(path + ".writer-lock" if on_disk else None)
 
     @event.listens_for(engine, "connect")
