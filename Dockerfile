@@ -38,6 +38,8 @@ ARG BAKE_MODEL_ID=""
 # Set to 1 to bake the tiny random-weight demo model (it draws noise; smoke runs only).
 ARG BAKE_TINY_MODEL=0
 
+# RAY_SERVE_*: Ray's high-throughput Serve mode, as `sdserve serve` runs it (RAY_ENV in
+# service/serving/app.py; tests/deploy checks the two agree).
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -48,7 +50,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     RAY_USAGE_STATS_ENABLED=0 \
-    RAY_SERVE_USE_GRPC_BY_DEFAULT=1
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
+    RAY_SERVE_ENABLE_HA_PROXY=1 \
+    RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1
 
 # bash, wget and grep: KubeRay runs `ray start` under `/bin/bash -lc` and its Serve readiness
 # probe on workers is `bash -c "wget ... /-/healthz | grep success"`. Ubuntu's archive moves

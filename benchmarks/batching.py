@@ -210,7 +210,17 @@ def deploy(mode: str, args, folder: Path, gpus: float):
         .bind(*generator_args(config, settings))
     )
     handle = serve.run(app, name=f"batching-{mode}", route_prefix=None)
-    return handle.options(multiplexed_model_id=MODEL_ID).generate.remote
+
+    # The handle's router runs on the event loop that first uses it (sdserve's RAY_ENV), so
+    # it is made inside the measuring loop.
+    routed = None
+
+    async def generate(params):
+        nonlocal routed
+        routed = routed or handle.options(multiplexed_model_id=MODEL_ID).generate
+        return await routed.remote(params)
+
+    return generate
 
 
 class InProcessModes:

@@ -129,6 +129,9 @@ def _serve(args) -> int:
         print(f"  Prometheus metrics: http://{args.host}:{args.metrics_port}/metrics")
         if settings.demo_key:
             print(f"  demo API key: {settings.demo_key}")
+        # Ray's high-throughput mode (RAY_ENV) keeps replica logs off stderr
+        logs_dir = ray._private.worker._global_node.get_logs_dir_path()
+        print(f"  replica logs: {logs_dir}/serve/")
         print("Press Ctrl-C to stop.\n", flush=True)
         stop.wait()
     finally:

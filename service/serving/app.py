@@ -15,15 +15,32 @@ from service.serving.generator import Generator
 from service.serving.ingress import Ingress
 
 # The environment every Ray process of sdserve runs with (set before Ray starts: the proxy and
-# replicas read it at import). Serve's gRPC data plane, proxy -> ingress -> generator, is one
-# switch of its throughput-optimized mode: it halved the CPU a generator call costs each side
-# compared with actor calls (benchmarks/overhead.py, docs/loadtests.md).
-RAY_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+# replicas read it at import). Ray's high-throughput mode (Ray >= 2.56): HAProxy takes HTTP on
+# the Serve port and hands it straight to the ingress replicas' own HTTP servers (no Python
+# proxy hop), deployments call each other over gRPC, and replicas run user code and the handle
+# router on their main event loop instead of hopping threads. It is what took the full request
+# path from ~75 to ~190 requests/s on 2 cores (benchmarks/overhead.py, docs/loadtests.md). Its
+# one default we do not take is buffering request-path log lines by the thousand (flushed
+# only when full or at an error): an operator reading the logs of a quiet replica must see
+# every line as it happens.
+RAY_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+}
+
+
+# Where sdserve starts Ray itself, on one machine (`sdserve serve`, tests, benchmarks): a stopping
+# ingress replica keeps serving this long so HAProxy stops sending to it first. HAProxy on the
+# same machine hears of it within a second; Ray's 30 s default, which the image keeps, is for
+# proxies on other nodes. It is also what Ctrl-C and each test module wait on shutdown.
+SINGLE_NODE_RAY_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
 def apply_ray_env() -> None:
-    """RAY_ENV into this process's environment, unless already set (before ray.init)."""
-    for name, value in RAY_ENV.items():
+    """RAY_ENV (and SINGLE_NODE_RAY_ENV) into this process's environment, unless already set;
+    before ray.init, which starts Ray's processes with it."""
+    for name, value in {**RAY_ENV, **SINGLE_NODE_RAY_ENV}.items():
         os.environ.setdefault(name, value)
 
 

@@ -86,6 +86,19 @@ def test_python_and_ray_versions_agree_with_the_project():
     assert f"ray.__version__ == '{ray}'" in runs()
 
 
+def test_ray_runs_in_the_image_as_sdserve_serve_runs_it():
+    from service.serving.app import RAY_ENV
+
+    env = {}
+    for name, value, _ in instructions():
+        if name == "ENV":
+            words = value.split(" ")
+            env.update(zip(words[::2], words[1::2], strict=True))
+    assert {k: env.get(k) for k in RAY_ENV} == RAY_ENV
+    # nothing else of Serve's is switched in the image only
+    assert {k for k in env if k.startswith("RAY_SERVE_")} == set(RAY_ENV)
+
+
 def test_image_label_carries_the_project_version():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     labels = " ".join(v for n, v, _ in instructions() if n == "LABEL")
