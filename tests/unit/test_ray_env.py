@@ -17,4 +17,3 @@ def test_sets_every_switch_and_keeps_the_operators_value(monkeypatch):
     for name, value in {**RAY_ENV, **SINGLE_NODE_RAY_ENV}.items():
         if name != "RAY_SERVE_ENABLE_HA_PROXY":
             assert os.environ[name] == value
-
