@@ -19,7 +19,7 @@ from service.serving.ingress import Ingress
 # the Serve port and hands it straight to the ingress replicas' own HTTP servers (no Python
 # proxy hop), deployments call each other over gRPC, and replicas run user code and the handle
 # router on their main event loop instead of hopping threads. It is what took the full request
-# path from ~75 to 185-231 requests/s on 2 cores (benchmarks/overhead.py, docs/loadtests.md). Its
+# path from ~75 to ~150 requests/s on 2 cores (benchmarks/overhead.py, docs/loadtests.md). Its
 # one default we do not take is buffering request-path log lines by the thousand (flushed
 # only when full or at an error): an operator reading the logs of a quiet replica must see
 # every line as it happens.
