@@ -305,11 +305,11 @@ STACKS = ("serve-defaults", "sdserve")
 
 
 def stack_env(stack: str) -> dict[str, str]:
-    from service.serving.app import RAY_ENV, SINGLE_NODE_RAY_ENV
+    from service.serving.app import RAY_ENV, single_node_ray_env
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
     if stack == "sdserve":
-        env.update({**RAY_ENV, **SINGLE_NODE_RAY_ENV})
+        env.update({**RAY_ENV, **single_node_ray_env()})
         # an explicit RAY_SERVE_* of the caller's still wins, as with `sdserve serve`
         env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")})
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")

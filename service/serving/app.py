@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -35,12 +37,32 @@ RAY_ENV = {
 # same machine hears of it within a second; Ray's 30 s default, which the image keeps, is for
 # proxies on other nodes. It is also what Ctrl-C and each test module wait on shutdown.
 SINGLE_NODE_RAY_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+# HAProxy's own ports, fixed by Ray (9101 and 8404, on all interfaces): a second sdserve on the
+# machine (`make test` or `make loadtest` beside `make run`) would fail to start its HAProxy.
+# On one machine each sdserve takes free ones instead; a pod has its own.
+HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+
+
+def single_node_ray_env() -> dict[str, str]:
+    ports = dict(zip(HAPROXY_PORT_VARIABLES, _free_ports(len(HAPROXY_PORT_VARIABLES)), strict=True))
+    return {**SINGLE_NODE_RAY_ENV, **ports}
+
+
+def _free_ports(count: int) -> list[str]:
+    """`count` distinct ports free on all interfaces now (all held until each is chosen)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            s = held.enter_context(socket.socket())
+            s.bind(("", 0))
+            ports.append(str(s.getsockname()[1]))
+        return ports
 
 
 def apply_ray_env() -> None:
-    """RAY_ENV (and SINGLE_NODE_RAY_ENV) into this process's environment, unless already set;
+    """RAY_ENV and single_node_ray_env() into this process's environment, unless already set;
     before ray.init, which starts Ray's processes with it."""
-    for name, value in {**RAY_ENV, **SINGLE_NODE_RAY_ENV}.items():
+    for name, value in {**RAY_ENV, **single_node_ray_env()}.items():
         os.environ.setdefault(name, value)
 
 

@@ -1,13 +1,19 @@
-"""The Ray environment sdserve starts Ray with: every switch set before Ray starts, and an
-operator's own value of any of them kept."""
+"""The Ray environment sdserve starts Ray with: every switch set before Ray starts, an
+operator's own value of any of them kept, and HAProxy's ports free ones on this machine."""
 
 import os
+import socket
 
-from service.serving.app import RAY_ENV, SINGLE_NODE_RAY_ENV, apply_ray_env
+from service.serving.app import (
+    HAPROXY_PORT_VARIABLES,
+    RAY_ENV,
+    SINGLE_NODE_RAY_ENV,
+    apply_ray_env,
+)
 
 
 def test_sets_every_switch_and_keeps_the_operators_value(monkeypatch):
-    for name in {**RAY_ENV, **SINGLE_NODE_RAY_ENV}:
+    for name in {**RAY_ENV, **SINGLE_NODE_RAY_ENV, **dict.fromkeys(HAPROXY_PORT_VARIABLES)}:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
 
@@ -17,3 +23,28 @@ def test_sets_every_switch_and_keeps_the_operators_value(monkeypatch):
     for name, value in {**RAY_ENV, **SINGLE_NODE_RAY_ENV}.items():
         if name != "RAY_SERVE_ENABLE_HA_PROXY":
             assert os.environ[name] == value
+
+
+def test_haproxy_ports_are_free_ones_not_rays_fixed_ones(monkeypatch):
+    for name in HAPROXY_PORT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    # what a first sdserve on this machine holds: Ray's fixed ports
+    held = []
+    for port in (9101, 8404):
+        s = socket.socket()
+        try:
+            s.bind(("", port))
+            held.append(s)
+        except OSError:
+            s.close()  # already taken by something else: just as good for this test
+
+    try:
+        apply_ray_env()
+        ports = [int(os.environ[name]) for name in HAPROXY_PORT_VARIABLES]
+        assert len(set(ports)) == 2 and not {9101, 8404} & set(ports)
+        for port in ports:
+            with socket.socket() as s:
+                s.bind(("", port))  # still free
+    finally:
+        for s in held:
+            s.close()
