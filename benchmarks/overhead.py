@@ -17,7 +17,7 @@ was written on). Prints requests/s, p50/p95 and the CPU per request of the serve
 and of the client, the ratio of the full path's requests/s to each echo's (target: at least
 half of the bare echo on Serve's defaults), and writes JSON under benchmarks/results/.
 
-    .venv/bin/python benchmarks/overhead.py                 # ~3 minutes on 2 cores
+    .venv/bin/python benchmarks/overhead.py                 # ~3.5 minutes on 2 cores
     .venv/bin/python benchmarks/overhead.py --baseline-rounds 0     # the sdserve stack only
     .venv/bin/python benchmarks/overhead.py --profile-dir /tmp/prof   # + py-spy of replicas
 """
