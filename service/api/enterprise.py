@@ -1,5 +1,8 @@
 """The dedicated-server management routes (`/api/v1/enterprise/...`): admin keys only.
 
+Each is served at `/api/v1/enterprise/{name}` (documented) and at
+`/api/v1/enterprise/images/{name}`, where modelslab-py's `enterprise=True` clients post.
+
 They act on the generator fleet through `app.state.fleet`, which the Ray Serve ingress sets;
 without one (the HTTP layer alone) they answer that no generator is attached.
 """
@@ -49,11 +52,21 @@ def _model_id(service: ImageService, body: ModelRequest | None) -> str:
     return model_id
 
 
+def management(name: str, **documented):
+    """Register one handler at both paths of a management route; only the first is in OpenAPI."""
+
+    def register(handler):
+        router.post(f"/api/v1/enterprise/images/{name}", include_in_schema=False)(handler)
+        return router.post(f"/api/v1/enterprise/{name}", **documented)(handler)
+
+    return register
+
+
 Keyed = Annotated[KeyedRequest | None, Body()]
 WithModel = Annotated[ModelRequest | None, Body()]
 
 
-@router.post("/api/v1/enterprise/system_details")
+@management("system_details")
 async def system_details(request: Request, body: Keyed = None):
     """The answering generator replica (device, GPU memory, loaded models, queue) and the
     fleet's jobs, models and version."""
@@ -70,7 +83,7 @@ async def system_details(request: Request, body: Keyed = None):
     }
 
 
-@router.post("/api/v1/enterprise/load_model")
+@management("load_model")
 async def load_model(request: Request, body: WithModel = None):
     """Load and warm a model on a generator replica, so its first request is not cold."""
     service = await _admin(request, body)
@@ -80,7 +93,7 @@ async def load_model(request: Request, body: WithModel = None):
 
 
 @router.post("/api/v6/images/model_reload")
-@router.post("/api/v1/enterprise/model_reload")
+@management("model_reload")
 async def model_reload(request: Request, body: WithModel = None):
     """Reload a model from its folder (after its files changed) and warm it."""
     service = await _admin(request, body)
@@ -89,21 +102,21 @@ async def model_reload(request: Request, body: WithModel = None):
     return {"status": "success", "message": f"model {model_id} reloaded", **result}
 
 
-@router.post("/api/v1/enterprise/clear_queue")
+@management("clear_queue")
 async def clear_queue(request: Request, body: Keyed = None):
     """Cancel every job not finished yet; their charges are released."""
     service = await _admin(request, body)
     return await service.clear_queue()
 
 
-@router.post("/api/v1/enterprise/clear_cache")
+@management("clear_cache")
 async def clear_cache(request: Request, body: Keyed = None):
     """Unload the pipelines a generator replica holds and free its cached GPU memory."""
     await _admin(request, body)
     return {"status": "success", **await _fleet(request).clear_cache()}
 
 
-@router.post("/api/v1/enterprise/restart_server")
+@management("restart_server")
 async def restart_server(request: Request, body: Keyed = None):
     """Have Serve replace a generator replica; requests queued on it are retried elsewhere."""
     await _admin(request, body)
@@ -111,15 +124,27 @@ async def restart_server(request: Request, body: Keyed = None):
     return {"status": "success", "message": "generator replica restarting", "generator": details}
 
 
-@router.post("/api/v1/enterprise/get_all_models")
+@management("get_all_models")
 async def get_all_models(request: Request, body: Keyed = None):
     """The model ids this server serves."""
     service = await _admin(request, body)
     return {"status": "success", "models": service.registry.ids()}
 
 
-@router.post("/api/v1/enterprise/list_schedulers")
+@management("list_schedulers")
 async def list_schedulers(request: Request, body: Keyed = None):
     """The scheduler names `scheduler` accepts."""
     await _admin(request, body)
     return {"status": "success", "schedulers": list(SCHEDULERS)}
+
+
+@management("update")
+async def update(request: Request, body: Keyed = None):
+    """Not served: modelslab-py's `update()` asks a hosted server to update itself; an sdserve
+    deployment is updated by rolling out a new image."""
+    await _admin(request, body)
+    raise ApiError(
+        ErrorKind.UNSUPPORTED,
+        "update is not supported by sdserve: update a deployment by rolling out a new image "
+        "(docs/deployment.md)",
+    )

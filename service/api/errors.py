@@ -34,6 +34,7 @@ class ErrorKind(enum.Enum):
     RATE_LIMIT = (429, "rate_limit")
     UNAVAILABLE = (503, "unavailable")
     GENERATION = (424, "generation")
+    UNSUPPORTED = (501, "unsupported")
     INTERNAL = (500, "internal")
 
     @property
