@@ -11,7 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_ID = "stable-diffu"
@@ -174,6 +174,24 @@ class Settings(BaseSettings):
         '["127.0.0.1"] for a receiver on this machine. Empty: webhooks reach public addresses '
         "only.",
     )
+
+    safety_checker: str | None = Field(
+        None,
+        description="Folder of a StableDiffusionSafetyChecker (e.g. a copy of "
+        "CompVis/stable-diffusion-safety-checker) that checks images of requests with "
+        "safety_checker=yes. Unset: no check runs, and responses say so.",
+    )
+    safety_checker_mode: Literal["request", "always"] = Field(
+        "request",
+        description="'request': check the images of requests that ask for it; 'always': "
+        "check every image, whatever the request says (needs safety_checker).",
+    )
+
+    @model_validator(mode="after")
+    def _always_needs_a_checker(self) -> Settings:
+        if self.safety_checker_mode == "always" and not self.safety_checker:
+            raise ValueError("safety_checker_mode 'always' needs safety_checker (a folder)")
+        return self
 
     @field_validator("webhook_allowed_hosts")
     @classmethod

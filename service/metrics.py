@@ -104,6 +104,11 @@ class Metrics:
         self.images = counter(
             "images_generated_total", "Images generated.", ("model", "resolution")
         )
+        self.safety_images = counter(
+            "safety_checked_images_total",
+            "Images the safety checker looked at, by verdict (flagged, passed).",
+            ("model", "verdict"),
+        )
         self.batch_size = histogram(
             "batch_size",
             "Images per pipeline call (request batching) or per UNet step (step batching).",
@@ -153,6 +158,12 @@ class Metrics:
     @_never_raises
     def stage(self, stage: str, model: str, seconds: float) -> None:
         self.stage_duration.observe(seconds, {"stage": stage, "model": model})
+
+    @_never_raises
+    def safety_checked(self, model: str, flagged: int, passed: int) -> None:
+        for verdict, count in (("flagged", flagged), ("passed", passed)):
+            if count:
+                self.safety_images.inc(count, {"model": model, "verdict": verdict})
 
     @_never_raises
     def job_done(self, model: str, resolution: str, status: str, seconds: float) -> None:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.config import DEFAULT_MODEL_ID, Settings
-from service.engine.protocol import GenerationParams
+from service.engine.protocol import SAFETY_TREATMENTS, GenerationParams
 from service.engine.schedulers import SCHEDULERS, canonical_scheduler_name
 from service.registry import ModelInfo
 
@@ -293,13 +293,16 @@ class Text2ImgRequest(KeyedRequest):
     )
     safety_checker: Toggle = Field(
         None,
-        description='"yes" needs a configured checker model; none is, so the request is served '
-        "and `meta.not_applied` says the check did not run.",
+        description='"yes": the images are checked by the server\'s safety checker '
+        "(SDSERVE_SAFETY_CHECKER) and a flagged one is replaced as `safety_checker_type` says; "
+        "`nsfw_content_detected` and `meta.nsfw_flags` give the verdicts. Without a configured "
+        "checker the request is served and `meta.not_applied` says the check did not run.",
         json_schema_extra={"default": False},
     )
     safety_checker_type: Name = Field(
         None,
-        description="blur, pixelate, black or sensitive_content_text (needs a checker).",
+        description="What a flagged image becomes: sensitive_content_text (a grey notice, the "
+        "default), blur, pixelate or black.",
         json_schema_extra={"examples": ["sensitive_content_text"]},
     )
     base64: Toggle = Field(
@@ -423,6 +426,13 @@ class Text2ImgRequest(KeyedRequest):
 
         lora_pairs = self._loras(loras, problems)
 
+        treatment = (self.safety_checker_type or "").strip().lower() or SAFETY_TREATMENTS[0]
+        if treatment not in SAFETY_TREATMENTS:
+            problems.append(f"safety_checker_type must be one of: {', '.join(SAFETY_TREATMENTS)}")
+        check = bool(settings.safety_checker) and (
+            bool(self.safety_checker) or settings.safety_checker_mode == "always"
+        )
+
         webhook = (self.webhook or "").strip() or None
         if webhook and not webhook.startswith(("http://", "https://")):
             problems.append("webhook must be an http:// or https:// URL")
@@ -445,11 +455,13 @@ class Text2ImgRequest(KeyedRequest):
             algorithm_type=algorithm_type,
             clip_skip=clip_skip,
             loras=lora_pairs,
+            safety_checker=check,
+            safety_checker_type=treatment,
         )
         not_applied = [
             name for name in NOT_APPLIED_FIELDS if _is_set((self.model_extra or {}).get(name))
         ]
-        if self.safety_checker:
+        if self.safety_checker and not check:
             not_applied.append("safety_checker (no safety checker model is configured)")
         options = {
             "base64": bool(self.base64),

@@ -252,7 +252,8 @@ class ImageService:
             "lora": ",".join(lora_id for lora_id, _ in params.loras) or None,
             "lora_strength": ",".join(f"{w:g}" for _, w in params.loras) or None,
             "clip_skip": params.clip_skip,
-            "safety_checker": "no",
+            "safety_checker": "yes" if params.safety_checker else "no",
+            "safety_checker_type": params.safety_checker_type if params.safety_checker else None,
             "base64": "yes" if options["base64"] else "no",
             "temp": "yes" if options["temp"] else "no",
             "instant_response": "yes" if options["instant_response"] else "no",
@@ -312,6 +313,8 @@ class ImageService:
             "inference_seconds": round(output.inference_seconds, 4),
             "prompt_truncated": output.prompt_truncated,
         }
+        if "nsfw_flags" in output.extra:
+            updates["nsfw_flags"] = output.extra["nsfw_flags"]
         elapsed = round(time.perf_counter() - started, 4)
         return self.jobs.finish(job.id, generation_time=elapsed, meta_updates=updates)
 
@@ -348,7 +351,7 @@ class ImageService:
                 "id": job.id,
                 "output": urls,
                 "proxy_links": urls,
-                "nsfw_content_detected": False,
+                "nsfw_content_detected": any(job.meta.get("nsfw_flags") or ()),
                 "webhook_status": job.webhook_status,
                 "tip": "",
                 "meta": job.meta,

@@ -11,6 +11,10 @@ from typing import Protocol
 
 import numpy as np
 
+SAFETY_TREATMENTS = ("sensitive_content_text", "blur", "pixelate", "black")
+"""What an image the safety checker flags becomes (`safety_checker_type`); the first is the
+default."""
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -35,6 +39,10 @@ class GenerationParams:
     clip_skip: int = 1
     # LoRA adapters as (lora_id, strength) pairs, in request order
     loras: tuple[tuple[str, float], ...] = ()
+    # Check the images with the configured safety checker; a flagged image becomes what
+    # `safety_checker_type` says (service/engine/safety.py). Not part of the batch key.
+    safety_checker: bool = False
+    safety_checker_type: str = "sensitive_content_text"
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationParams:

@@ -224,3 +224,50 @@ def build_tiny_lora(
         weight_name=out_file.name,
     )
     return out_file
+
+
+def build_tiny_safety_checker(path: str | Path, flags: str = "none", seed: int = 0) -> Path:
+    """A tiny random-weight `StableDiffusionSafetyChecker` folder, laid out like
+    CompVis/stable-diffusion-safety-checker (config, weights, CLIP image processor config).
+
+    Its verdict is set by the thresholds, not learned: `flags="all"` flags every image (every
+    cosine similarity beats a threshold of -1.01), `"none"` no image (none beats 1.01)."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    if flags not in ("all", "none"):
+        raise ValueError(f"flags: 'all' or 'none', got {flags!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "projection_dim": 16,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "projection_dim": 16,
+        },
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    threshold = -1.01 if flags == "all" else 1.01
+    with torch.no_grad():
+        checker.concept_embeds.normal_()
+        checker.special_care_embeds.normal_()
+        checker.concept_embeds_weights.fill_(threshold)
+        checker.special_care_embeds_weights.fill_(threshold)
+    checker.save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(path)
+    return path

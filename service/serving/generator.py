@@ -103,6 +103,11 @@ class Generator:
         self._get_model = serve.multiplexed(max_num_models_per_replica=settings.max_loaded_models)(
             load_model
         )
+        self.safety = None  # a service.engine.safety.SafetyChecker when one is configured
+        if settings.safety_checker:
+            from service.engine.safety import SafetyChecker  # torch: replicas only
+
+            self.safety = SafetyChecker(settings.safety_checker, device=device)
         self.max_batch_images = max_batch_images
         self._waiting = 0
         self._unusable: str | None = None
@@ -170,11 +175,32 @@ class Generator:
             raise
         if self._steps is not None:
             self._waiting -= 1
-            return await self._steps.generate(params)
-        result = await self._batched((params, time.perf_counter()))
-        if isinstance(result, Exception):
-            raise result
+            result = await self._steps.generate(params)
+        else:
+            result = await self._batched((params, time.perf_counter()))
+            if isinstance(result, Exception):
+                raise result
+        if params.safety_checker:
+            result = await asyncio.to_thread(self._check_safety, params, result)
         return result
+
+    def _check_safety(self, params: GenerationParams, output: GenerationOutput):
+        """Flag the request's images and replace the flagged ones; a request that asked for the
+        check never gets an unchecked image (no checker here fails the request)."""
+        from service.engine.safety import treat
+
+        if self.safety is None:
+            raise RuntimeError("safety_checker was asked for but this generator has no checker")
+        started = time.perf_counter()
+        flags = self.safety.flags(output.images)
+        output.images = [
+            treat(image, params.safety_checker_type) if flagged else image
+            for image, flagged in zip(output.images, flags, strict=True)
+        ]
+        output.extra["nsfw_flags"] = flags
+        self.metrics.stage("safety_check", params.model_id, time.perf_counter() - started)
+        self.metrics.safety_checked(params.model_id, sum(flags), len(flags) - sum(flags))
+        return output
 
     async def generate_many(self, batch: list[GenerationParams]) -> list:
         """Requests the ingress sent in one call (see GeneratorFleet): each is generated as if

@@ -155,3 +155,28 @@ def test_unknown_fields_are_kept_aside_and_not_applied_ones_reported():
     assert options["not_applied"] == ["upscale"]
     _, options = params(safety_checker="yes")
     assert any("safety_checker" in item for item in options["not_applied"])
+
+
+def test_safety_checker_runs_only_where_one_is_configured():
+    configured = Settings(safety_checker="/models/checker")
+    asked, options = params(configured, safety_checker="yes", safety_checker_type="blur")
+    assert asked.safety_checker and asked.safety_checker_type == "blur"
+    assert options["not_applied"] == []
+    not_asked, _ = params(configured, safety_checker="no")
+    assert not not_asked.safety_checker
+    assert not_asked.safety_checker_type == "sensitive_content_text"  # the default treatment
+
+    enforced = Settings(safety_checker="/models/checker", safety_checker_mode="always")
+    assert params(enforced, safety_checker="no")[0].safety_checker
+
+    unconfigured, options = params(safety_checker="yes")
+    assert not unconfigured.safety_checker
+    assert options["not_applied"] == ["safety_checker (no safety checker model is configured)"]
+
+
+def test_safety_checker_type_must_be_a_known_treatment():
+    message = error_of(safety_checker="yes", safety_checker_type="blurry")
+    assert message == (
+        "safety_checker_type must be one of: sensitive_content_text, blur, pixelate, black"
+    )
+    assert params(safety_checker_type=" PIXELATE ")[0].safety_checker_type == "pixelate"

@@ -16,6 +16,7 @@ import requests
 from PIL import Image
 
 from service.config import DEMO_API_KEY
+from service.engine.tiny_model import build_tiny_safety_checker
 from tests.conftest import running_app
 
 pytestmark = pytest.mark.slow
@@ -34,6 +35,8 @@ def server(tmp_path_factory, tiny_model_dir):
         "sync_window_s": 60,
         "max_concurrent_requests": limits,
         "webhook_allowed_hosts": ["127.0.0.1"],
+        # flags every image it is asked to check; requests that do not ask are not checked
+        "safety_checker": str(build_tiny_safety_checker(tmp / "checker", flags="all")),
     }
     with running_app(tmp, tiny_model_dir, settings=settings) as (base_url, _):
         yield base_url
@@ -226,3 +229,37 @@ def test_webhook_receives_the_result_with_track_id(server):
         assert fetched["webhook_status"] == "success"
     finally:
         receiver.shutdown()
+
+
+def test_the_safety_checker_replaces_flagged_images_as_asked(server):
+    plain = text2img(server, seed=4242, samples=2)
+    assert plain["nsfw_content_detected"] is False
+    assert plain["meta"]["safety_checker"] == "no" and "nsfw_flags" not in plain["meta"]
+    original = [np.asarray(fetch_png(url)) for url in plain["output"]]
+    assert all(image.std() > 0 for image in original)
+
+    black = text2img(
+        server, seed=4242, samples=2, safety_checker="yes", safety_checker_type="black"
+    )
+    assert black["status"] == "success", black
+    assert black["nsfw_content_detected"] is True
+    assert black["meta"]["safety_checker"] == "yes"
+    assert black["meta"]["safety_checker_type"] == "black"
+    assert black["meta"]["nsfw_flags"] == [True, True]
+    assert black["meta"]["not_applied"] == []
+    assert all(not np.asarray(fetch_png(url)).any() for url in black["output"])
+
+    # The default treatment: a notice of the image's size, the same whatever the picture was.
+    notice = text2img(server, seed=4242, samples=2, safety_checker="yes")
+    assert notice["meta"]["safety_checker_type"] == "sensitive_content_text"
+    notices = [np.asarray(fetch_png(url)) for url in notice["output"]]
+    assert notices[0].shape == original[0].shape
+    assert np.array_equal(notices[0], notices[1])
+    assert not np.array_equal(notices[0], original[0])
+
+    # fetch (and so the webhook) reports the verdict too
+    fetched = requests.post(
+        server + f"/api/v6/images/fetch/{black['id']}", json={"key": DEMO_API_KEY}, timeout=30
+    ).json()
+    assert fetched["nsfw_content_detected"] is True
+    assert fetched["meta"]["nsfw_flags"] == [True, True]
