@@ -6,7 +6,18 @@ from ray.util.metrics import Counter, Gauge, Histogram
 
 from service.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS_S, Metrics, resolution_bucket
 
-ALLOWED_LABELS = {"route", "model", "status", "type", "plan", "stage", "resolution", "kind"}
+# each takes a handful of values (verdict: flagged or passed)
+ALLOWED_LABELS = {
+    "route",
+    "model",
+    "status",
+    "type",
+    "plan",
+    "stage",
+    "resolution",
+    "kind",
+    "verdict",
+}
 
 
 def all_metrics():
