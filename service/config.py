@@ -7,6 +7,7 @@ application builder, so a Serve config file can override any field through its `
 from __future__ import annotations
 
 import ipaddress
+import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
@@ -32,6 +33,10 @@ class ModelSpec(BaseModel):
     height: int | None = Field(None, description="Default height; else the model's native size.")
 
 
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+EMBEDDING_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # usable as a trigger word
+
+
 class Settings(BaseSettings):
     """Runtime settings of the ingress and the generator."""
 
@@ -44,6 +49,11 @@ class Settings(BaseSettings):
     )
     lora_dir: str | None = Field(
         None, description="Folder of LoRA adapters: each NAME.safetensors is lora_model NAME."
+    )
+    embeddings_dir: str | None = Field(
+        None,
+        description="Folder of textual-inversion embeddings: each NAME.safetensors (or .pt, "
+        ".bin) is embeddings_model NAME, and NAME in a prompt is its trigger word.",
     )
     max_loaded_models: int = Field(
         3, ge=1, description="Pipelines a generator replica holds at once (LRU beyond that)."
@@ -232,6 +242,17 @@ class Settings(BaseSettings):
         if not self.lora_dir or not Path(self.lora_dir).is_dir():
             return {}
         return {path.stem: path for path in sorted(Path(self.lora_dir).glob("*.safetensors"))}
+
+    def embedding_paths(self) -> dict[str, Path]:
+        """embeddings_model id -> embedding file, from the embeddings folder."""
+        if not self.embeddings_dir or not Path(self.embeddings_dir).is_dir():
+            return {}
+        files = sorted(Path(self.embeddings_dir).iterdir())
+        return {
+            path.stem: path
+            for path in files
+            if path.suffix in EMBEDDING_SUFFIXES and EMBEDDING_ID.fullmatch(path.stem)
+        }
 
     def models_to_preload(self) -> list[str]:
         return (

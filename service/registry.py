@@ -21,7 +21,8 @@ class ModelInfo:
 
 
 class ModelRegistry:
-    """Served models and LoRAs, from settings; read by the API, the CLI and the playground."""
+    """Served models, LoRAs and embeddings, from settings; read by the API, the CLI and the
+    playground."""
 
     def __init__(self, settings: Settings):
         self._models = {
@@ -29,9 +30,13 @@ class ModelRegistry:
             for model_id, spec in settings.model_specs().items()
         }
         self._loras = settings.lora_paths()
+        self._embeddings = settings.embedding_paths()
 
     def lora_ids(self) -> list[str]:
         return sorted(self._loras)
+
+    def embedding_ids(self) -> list[str]:
+        return sorted(self._embeddings)
 
     def infos(self) -> dict[str, ModelInfo]:
         return dict(self._models)

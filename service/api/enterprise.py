@@ -78,6 +78,7 @@ async def system_details(request: Request, body: Keyed = None):
         "version": __version__,
         "models": service.registry.ids(),
         "loras": service.registry.lora_ids(),
+        "embeddings": service.registry.embedding_ids(),
         "jobs_processing": load["queue_num"],
         "generator": details,
     }

@@ -39,7 +39,6 @@ NOT_APPLIED_FIELDS = (
     "highres_fix",
     "tomesd",
     "vae",
-    "embeddings_model",
     "ip_adapter_id",
     "ip_adapter_scale",
     "ip_adapter_image",
@@ -291,6 +290,13 @@ class Text2ImgRequest(KeyedRequest):
         description="One strength for every LoRA, or one per `lora_model` id, each 0.1-1.",
         json_schema_extra={"examples": [None]},
     )
+    embeddings_model: Name = Field(
+        None,
+        description="Comma-separated textual-inversion embedding ids, from the server's "
+        "embeddings folder (SDSERVE_EMBEDDINGS_DIR; `model_list` lists them). Each id, written "
+        "as a word in `prompt` or `negative_prompt`, stands for its learned vectors.",
+        json_schema_extra={"examples": [None]},
+    )
     safety_checker: Toggle = Field(
         None,
         description='"yes": the images are checked by the server\'s safety checker '
@@ -359,8 +365,22 @@ class Text2ImgRequest(KeyedRequest):
             strengths = strengths * len(ids)
         return tuple(zip(ids, strengths, strict=True))
 
+    def _embeddings(self, available: Collection[str], problems: list[str]) -> tuple[str, ...]:
+        ids = [part.strip() for part in (self.embeddings_model or "").split(",") if part.strip()]
+        unknown = [name for name in ids if name not in available]
+        if unknown:
+            names = ", ".join(sorted(available)) or "none"
+            problems.append(
+                f"embeddings_model '{unknown[0]}' is not available; available embeddings: {names}"
+            )
+        return tuple(dict.fromkeys(ids))
+
     def to_params(
-        self, settings: Settings, models: Mapping[str, ModelInfo], loras: Collection[str] = ()
+        self,
+        settings: Settings,
+        models: Mapping[str, ModelInfo],
+        loras: Collection[str] = (),
+        embeddings: Collection[str] = (),
     ) -> tuple[GenerationParams, dict]:
         """Check every rule and resolve defaults; returns the engine params and the options
         that stay with the ingress (base64, temp, webhook, track_id, not-applied fields)."""
@@ -425,6 +445,7 @@ class Text2ImgRequest(KeyedRequest):
             problems.append(f"algorithm_type must be one of: none, {', '.join(ALGORITHM_TYPES)}")
 
         lora_pairs = self._loras(loras, problems)
+        embedding_ids = self._embeddings(embeddings, problems)
 
         treatment = (self.safety_checker_type or "").strip().lower() or SAFETY_TREATMENTS[0]
         if treatment not in SAFETY_TREATMENTS:
@@ -455,6 +476,7 @@ class Text2ImgRequest(KeyedRequest):
             algorithm_type=algorithm_type,
             clip_skip=clip_skip,
             loras=lora_pairs,
+            embeddings=embedding_ids,
             safety_checker=check,
             safety_checker_type=treatment,
         )

@@ -197,6 +197,7 @@ async def model_list(request: Request, body: Annotated[KeyedRequest | None, Body
             "default_steps": info.default_steps,
             "prediction_type": info.prediction_type,
             "loras": service.registry.lora_ids(),
+            "embeddings": service.registry.embedding_ids(),
         }
         for info in map(service.registry.get, service.registry.ids())
     ]

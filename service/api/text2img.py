@@ -147,7 +147,10 @@ class ImageService:
             log.info("ignored unknown fields: %s", ", ".join(body.ignored_fields()))
         try:
             params, options = body.to_params(
-                self.settings, self.registry.infos(), self.registry.lora_ids()
+                self.settings,
+                self.registry.infos(),
+                self.registry.lora_ids(),
+                self.registry.embedding_ids(),
             )
         except RequestError as exc:
             raise ApiError(ErrorKind.VALIDATION, str(exc)) from None
@@ -252,6 +255,7 @@ class ImageService:
             "lora": ",".join(lora_id for lora_id, _ in params.loras) or None,
             "lora_strength": ",".join(f"{w:g}" for _, w in params.loras) or None,
             "clip_skip": params.clip_skip,
+            "embeddings_model": ",".join(params.embeddings) or None,
             "safety_checker": "yes" if params.safety_checker else "no",
             "safety_checker_type": params.safety_checker_type if params.safety_checker else None,
             "base64": "yes" if options["base64"] else "no",

@@ -17,6 +17,7 @@ import contextlib
 import gc
 import inspect
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -44,6 +45,10 @@ class ModelLoadError(RuntimeError):
 
 class LoraError(ValueError):
     """A LoRA is unknown or does not fit the model it was asked for."""
+
+
+class EmbeddingError(ValueError):
+    """A textual-inversion embedding is unknown, unreadable, or does not fit the model."""
 
 
 class EncodedPrompt(NamedTuple):
@@ -96,6 +101,7 @@ class Engine:
         generator_device: str = "cpu",
         vae_batch_size: int = 1,
         loras: Mapping[str, str | Path] | None = None,
+        embeddings: Mapping[str, str | Path] | None = None,
         max_loaded_models: int | None = None,
         optimizations: OptimizationConfig | None = None,
     ) -> None:
@@ -103,12 +109,14 @@ class Engine:
 
         Generators live on `generator_device` (CPU by default), so a seed gives the same initial
         noise on any hardware. `vae_batch_size` bounds how many images one VAE decode takes.
-        `loras` maps LoRA ids to safetensors files; `max_loaded_models` bounds the pipelines
+        `loras` maps LoRA ids to safetensors files, `embeddings` textual-inversion ids to their
+        files; `max_loaded_models` bounds the pipelines
         held at once (least recently used ones are unloaded first). `optimizations` switches the
         optimized path (service/engine/optimize.py); off when None.
         """
         self.model_paths = {model_id: Path(path) for model_id, path in models.items()}
         self.lora_paths = {lora_id: Path(path) for lora_id, path in (loras or {}).items()}
+        self.embedding_paths = {name: Path(path) for name, path in (embeddings or {}).items()}
         self.max_loaded_models = max_loaded_models
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -313,16 +321,61 @@ class Engine:
         self.prepare_latents(pipe, states)
         return states
 
+    def activate_embeddings(
+        self, pipe: StableDiffusionPipeline, names: tuple[str, ...]
+    ) -> dict[str, str]:
+        """Load the named textual-inversion embeddings into `pipe` (once each) and return
+        name -> the added token that stands for its vectors.
+
+        Each is added under a token of its own (`<sdserve-embN>`, lower case for CLIP's
+        tokenizer), never under its trigger word, so a prompt that happens to contain the word
+        is unchanged unless its request names the embedding."""
+        loaded: dict[str, str] = pipe.__dict__.setdefault("_sdserve_embeddings", {})
+        for name in names:
+            if name in loaded:
+                continue
+            path = self.embedding_paths.get(name)
+            if path is None:
+                raise EmbeddingError(
+                    f"embeddings_model {name!r} is not available; "
+                    f"available: {', '.join(sorted(self.embedding_paths)) or 'none'}"
+                )
+            vectors = _read_embedding(path, name)
+            width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+            if vectors.shape[-1] != width:
+                raise EmbeddingError(
+                    f"embeddings_model {name!r} does not fit this model: its vectors have "
+                    f"{vectors.shape[-1]} values, the text encoder takes {width}"
+                )
+            token = f"<sdserve-emb{len(loaded)}>"
+            pipe.load_textual_inversion(vectors, token=token, tokenizer=pipe.tokenizer)
+            loaded[name] = token
+        return {name: loaded[name] for name in names}
+
+    def _with_embeddings(
+        self, pipe: StableDiffusionPipeline, text: str, tokens: dict[str, str]
+    ) -> str:
+        """`text` with each trigger word (an embedding's id, as a whole word) replaced by the
+        tokens of that embedding's vectors."""
+        for name, token in tokens.items():
+            text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", token, text)
+        return pipe.maybe_convert_prompt(text, pipe.tokenizer) if tokens else text
+
     def encode_prompts(
         self, pipe: StableDiffusionPipeline, batch: list[GenerationParams]
     ) -> list[EncodedPrompt]:
         """Each request's text conditioning; every distinct (text, clip_skip) is encoded once."""
         needed: dict[int, set[str]] = {}
+        texts_of: list[tuple[str, str]] = []
         for params in batch:
+            tokens = self.activate_embeddings(pipe, params.embeddings)
+            prompt = self._with_embeddings(pipe, params.prompt, tokens)
+            negative = self._with_embeddings(pipe, params.negative_prompt, tokens)
+            texts_of.append((prompt, negative))
             texts = needed.setdefault(params.clip_skip, set())
-            texts.add(params.prompt)
+            texts.add(prompt)
             if params.guidance_scale > 1:
-                texts.add(params.negative_prompt)
+                texts.add(negative)
         embeddings: dict[tuple[str, int], torch.Tensor] = {}
         truncated: dict[str, bool] = {}
         for clip_skip, texts in needed.items():
@@ -333,13 +386,11 @@ class Engine:
                 truncated[text] = cut[i]
         return [
             EncodedPrompt(
-                embeddings[params.prompt, params.clip_skip],
-                embeddings[params.negative_prompt, params.clip_skip]
-                if params.guidance_scale > 1
-                else None,
-                truncated[params.prompt],
+                embeddings[prompt, params.clip_skip],
+                embeddings[negative, params.clip_skip] if params.guidance_scale > 1 else None,
+                truncated[prompt],
             )
-            for params in batch
+            for params, (prompt, negative) in zip(batch, texts_of, strict=True)
         ]
 
     def prepare_latents(self, pipe: StableDiffusionPipeline, states: list[RequestState]) -> None:
@@ -475,3 +526,28 @@ class Engine:
             raise ValueError(
                 f"model_id: unknown model {model_id!r}; available: {', '.join(self.model_paths)}"
             ) from None
+
+
+def _read_embedding(path: Path, name: str) -> torch.Tensor:
+    """The (vectors, width) tensor of a textual-inversion file: diffusers' one-entry layout
+    (`{token: tensor}`, also SD2 trainers' `{"emb_params": tensor}`) or A1111's
+    (`string_to_param`), as .safetensors, or as .pt/.bin read without unpickling code."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(path)
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(data, dict) and "string_to_param" in data:
+            data = data["string_to_param"]
+        if isinstance(data, dict) and len(data) == 1:
+            data = next(iter(data.values()))
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("expected one tensor, or A1111's string_to_param")
+    except Exception as exc:
+        raise EmbeddingError(
+            f"embeddings_model {name!r} could not be read: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    return data.reshape(-1, data.shape[-1]).float()

@@ -39,6 +39,9 @@ class GenerationParams:
     clip_skip: int = 1
     # LoRA adapters as (lora_id, strength) pairs, in request order
     loras: tuple[tuple[str, float], ...] = ()
+    # Textual-inversion embeddings by id; an id in the prompt or negative prompt is replaced by
+    # its learned vectors. Only the text encoding changes, so they are not in the batch key.
+    embeddings: tuple[str, ...] = ()
     # Check the images with the configured safety checker; a flagged image becomes what
     # `safety_checker_type` says (service/engine/safety.py). Not part of the batch key.
     safety_checker: bool = False
@@ -48,7 +51,8 @@ class GenerationParams:
     def from_dict(cls, data: dict) -> GenerationParams:
         """Back from the JSON a job row keeps (lists become tuples again)."""
         loras = tuple((str(lora_id), float(weight)) for lora_id, weight in data.get("loras", ()))
-        return cls(**{**data, "loras": loras})
+        embeddings = tuple(str(name) for name in data.get("embeddings", ()))
+        return cls(**{**data, "loras": loras, "embeddings": embeddings})
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call (same latents shape, timesteps)."""
@@ -79,8 +83,9 @@ class GenerationOutput:
 class TextToImageEngine(Protocol):
     """What the generator deployment needs of an engine (`AppConfig.engine` names the class).
 
-    Constructed as `cls(models, device=..., dtype=..., loras=..., max_loaded_models=...,
-    optimizations=...)`, `models` and `loras` mapping ids to folders and files.
+    Constructed as `cls(models, device=..., dtype=..., loras=..., embeddings=...,
+    max_loaded_models=..., optimizations=...)`, `models`, `loras` and `embeddings` mapping ids
+    to folders and files.
     """
 
     def load(self, model_id: str) -> object: ...

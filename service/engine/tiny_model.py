@@ -226,6 +226,20 @@ def build_tiny_lora(
     return out_file
 
 
+def build_tiny_embedding(
+    model_dir: str | Path, out_file: str | Path, vectors: int = 2, seed: int = 0
+) -> Path:
+    """A textual-inversion embedding for the tiny model (random vectors of its text encoder's
+    width), in A1111's layout, which most published embeddings use."""
+    config = json.loads((Path(model_dir) / "text_encoder" / "config.json").read_text())
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(vectors, config["hidden_size"], generator=generator)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"string_to_param": {"*": weights}, "name": out_file.stem}, out_file)
+    return out_file
+
+
 def build_tiny_safety_checker(path: str | Path, flags: str = "none", seed: int = 0) -> Path:
     """A tiny random-weight `StableDiffusionSafetyChecker` folder, laid out like
     CompVis/stable-diffusion-safety-checker (config, weights, CLIP image processor config).

@@ -91,6 +91,7 @@ class Generator:
             device=device,
             dtype=resolve_dtype(settings.dtype, device, optimizations.enabled),
             loras=settings.lora_paths(),
+            embeddings=settings.embedding_paths(),
             max_loaded_models=settings.max_loaded_models,
             optimizations=optimizations,
         )

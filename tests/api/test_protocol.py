@@ -180,3 +180,19 @@ def test_safety_checker_type_must_be_a_known_treatment():
         "safety_checker_type must be one of: sensitive_content_text, blur, pixelate, black"
     )
     assert params(safety_checker_type=" PIXELATE ")[0].safety_checker_type == "pixelate"
+
+
+def test_embeddings_model_names_embeddings_of_the_folder():
+    body = Text2ImgRequest.model_validate(
+        {"key": "k", "prompt": "a moody cat", "embeddings_model": " moody, glow ,moody"}
+    )
+    p, options = body.to_params(Settings(), SIZES, LORAS, ["glow", "moody"])
+    assert p.embeddings == ("moody", "glow")
+    assert "embeddings_model" not in options["not_applied"]
+    body = Text2ImgRequest.model_validate({"key": "k", "prompt": "x", "embeddings_model": "dark"})
+    with pytest.raises(RequestError) as info:
+        body.to_params(Settings(), SIZES, LORAS, ["moody"])
+    assert (
+        str(info.value) == "embeddings_model 'dark' is not available; available embeddings: moody"
+    )
+    assert params(embeddings_model=None)[0].embeddings == ()

@@ -16,7 +16,7 @@ import requests
 from PIL import Image
 
 from service.config import DEMO_API_KEY
-from service.engine.tiny_model import build_tiny_lora, build_tiny_model
+from service.engine.tiny_model import build_tiny_embedding, build_tiny_lora, build_tiny_model
 from service.store.db import make_engine, make_sessionmaker
 from service.store.keys import KeyStore
 from tests.conftest import running_app
@@ -31,6 +31,7 @@ def fleet(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("models")
     other = build_tiny_model(tmp / "other", seed=1)
     build_tiny_lora(tiny_model_dir, tmp / "loras" / "style.safetensors", seed=3)
+    build_tiny_embedding(tiny_model_dir, tmp / "embeddings" / "moody.pt", vectors=2, seed=4)
     broken = build_tiny_model(tmp / "broken", seed=2)
     weights = next((broken / "unet").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -41,6 +42,7 @@ def fleet(tmp_path_factory, tiny_model_dir):
             "broken": str(broken),
         },
         "lora_dir": str(tmp / "loras"),
+        "embeddings_dir": str(tmp / "embeddings"),
         "max_loaded_models": 1,
         "sync_window_s": 60,
     }
@@ -159,3 +161,31 @@ def test_restart_server_replaces_the_replica_without_losing_requests(fleet):
         time.sleep(0.5)
     assert replica != old, "the generator replica was never replaced"
     assert generate(base_url)["status"] == "success"
+
+
+def test_an_embedding_changes_only_the_requests_that_name_it(fleet):
+    base_url, _ = fleet
+    models = call(base_url, "/api/v4/dreambooth/model_list")
+    assert all(entry["embeddings"] == ["moody"] for entry in models)
+
+    def pixels(body):
+        assert body["status"] == "success", body
+        return np.asarray(Image.open(io.BytesIO(requests.get(body["output"][0]).content)))
+
+    def tower(**fields):
+        path = "/api/v6/images/text2img"
+        return call(base_url, path, prompt="a moody tower", seed=7, **SMALL, **fields)
+
+    plain = pixels(tower())
+    named = tower(embeddings_model="moody")
+    assert named["meta"]["embeddings_model"] == "moody"
+    assert not np.array_equal(pixels(named), plain)
+    assert np.array_equal(pixels(tower()), plain)
+
+    unknown = call(
+        base_url, "/api/v6/images/text2img", prompt="x", embeddings_model="dark", **SMALL
+    )
+    assert unknown["status"] == "error"
+    assert unknown["message"] == (
+        "embeddings_model 'dark' is not available; available embeddings: moody"
+    )
