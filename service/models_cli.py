@@ -81,18 +81,24 @@ def models_list_command(args: argparse.Namespace, settings: Settings | None = No
         {"id": lora_id, "path": str(path), "status": _safetensors_problem(path) or OK}
         for lora_id, path in settings.lora_paths().items()
     ]
+    embeddings = [_embedding_entry(name, path) for name, path in settings.embedding_paths().items()]
     if args.json:
         document = {
             "default_model_id": settings.default_model_id,
             "models": models,
             "lora_dir": settings.lora_dir,
             "loras": loras,
+            "embeddings_dir": settings.embeddings_dir,
+            "embeddings": embeddings,
         }
         print(json.dumps(document, indent=2))
     else:
         _print_models(models)
         print()
         _print_loras(settings, loras)
+        if settings.embeddings_dir:
+            print()
+            _print_embeddings(settings, embeddings)
     return 0 if all(model["status"] == OK for model in models) else 1
 
 
@@ -318,6 +324,35 @@ def _print_loras(settings: Settings, loras: list[dict]) -> None:
             ["LORA_ID", "STATUS", "PATH"],
             [[lora["id"], lora["status"], lora["path"]] for lora in loras],
         )
+
+
+def _embedding_entry(name: str, path: Path) -> dict:
+    """An embedding file's vectors, or why it cannot be read (its width is checked against a
+    model when a request uses it)."""
+    from service.engine.pipeline import EmbeddingError, _read_embedding
+
+    entry = {"id": name, "path": str(path), "vectors": None, "width": None, "status": OK}
+    try:
+        vectors = _read_embedding(path, name)
+    except EmbeddingError as exc:
+        entry["status"] = str(exc)
+    else:
+        entry["vectors"], entry["width"] = vectors.shape
+    return entry
+
+
+def _print_embeddings(settings: Settings, embeddings: list[dict]) -> None:
+    if not embeddings:
+        print(f"Embeddings: none in {settings.embeddings_dir}")
+        return
+    print(f"Embeddings in {settings.embeddings_dir}:")
+    _print_table(
+        ["EMBEDDING_ID", "VECTORS", "WIDTH", "STATUS", "PATH"],
+        [
+            [item["id"], item["vectors"] or "-", item["width"] or "-", item["status"], item["path"]]
+            for item in embeddings
+        ],
+    )
 
 
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

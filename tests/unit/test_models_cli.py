@@ -12,6 +12,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from service.cli import main
+from service.engine.tiny_model import build_tiny_embedding
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,23 @@ def test_list_shows_defaults_prices_status_and_loras(env, capsys, tiny_model_dir
         "status": "ok",
     }
     assert [lora["id"] for lora in document["loras"]] == ["broken", "style"]
+
+
+def test_list_shows_the_embeddings(env, capsys, tiny_model_dir, tmp_path):
+    folder = tmp_path / "embeddings"
+    build_tiny_embedding(tiny_model_dir, folder / "moody.pt", vectors=3)
+    (folder / "broken.pt").write_bytes(b"not a checkpoint")
+    env(models={"stable-diffu": str(tiny_model_dir)}, embeddings_dir=str(folder))
+    document = list_json(capsys)
+    assert document["embeddings_dir"] == str(folder)
+    entries = {item["id"]: item for item in document["embeddings"]}
+    assert entries["moody"] | {"path": None} == {
+        "id": "moody", "path": None, "vectors": 3, "width": 32, "status": "ok"
+    }  # fmt: skip
+    assert entries["broken"]["status"].startswith("embeddings_model 'broken' could not be read")
+    _, out, _ = run(capsys, "models", "list")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["moody"][:4] == ["moody", "3", "32", "ok"]
 
 
 def test_list_exits_0_when_every_model_is_servable(env, capsys, tiny_model_dir):
