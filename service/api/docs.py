@@ -235,7 +235,8 @@ def render_llms_txt(app: FastAPI) -> str:
         "`processing` (POST `fetch_result` with the key until the status changes; "
         "`future_links` are the final URLs), `failed` (generation failed, nothing charged) or "
         "`error` (`message` names the field and the rule). These answer HTTP 200; a key with "
-        "too many requests in flight gets HTTP 429 and `retry_after`.",
+        "too many requests in flight gets HTTP 429 and `retry_after`. An `Idempotency-Key` "
+        "header on text2img makes a retry return the first job instead of charging again.",
         "",
         "## Models",
         "",

@@ -106,7 +106,12 @@ JobId = Annotated[int, Path(ge=1, le=2**63 - 1, description="The `id` of a text2
 
 @router.post("/api/v6/images/text2img", responses=JOB_RESPONSES, tags=["v6"])
 async def text2img_v6(request: Request, body: Text2ImgBody):
-    """Generate images from a prompt (the main ModelsLab endpoint)."""
+    """Generate images from a prompt (the main ModelsLab endpoint).
+
+    An optional `Idempotency-Key` header (1-200 visible ASCII characters, unique per API key)
+    makes retries safe: the same key with the same body answers with the first request's job
+    (its current state) and charges nothing again; with a different body it is an error. Every
+    text2img route honours it."""
     return await _text2img(request, body, "v6")
 
 

@@ -8,8 +8,11 @@ accept (auth, validate, reserve, job row) -> generate (injected) -> store images
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -29,6 +32,8 @@ from service.pricing import Plan, PriceList
 from service.registry import ModelRegistry
 from service.store.errors import (
     ConcurrencyLimitExceeded,
+    DuplicateRequest,
+    IdempotencyKeyReused,
     InsufficientCredit,
     InvalidApiKey,
     KeyNotFound,
@@ -159,6 +164,8 @@ class ImageService:
                 self.webhook_policy().parse(options["webhook"])
             except WebhookRefused as exc:
                 raise ApiError(ErrorKind.VALIDATION, str(exc)) from None
+        idempotency_key = _idempotency_key(headers)
+        fingerprint = _fingerprint(body) if idempotency_key else None
         self.metrics.stage("validation", params.model_id, time.perf_counter() - started)
 
         inflight = len(self._running) + self._admitting
@@ -187,7 +194,17 @@ class ImageService:
                 webhook=options["webhook"],
                 track_id=options["track_id"],
                 owner=self.owner,
+                idempotency_key=idempotency_key,
+                fingerprint=fingerprint,
             )
+        except DuplicateRequest as duplicate:  # a retry: the first job, nothing charged again
+            body = await self.job_body(duplicate.job.id, family, duplicate.job)
+            self.metrics.request_done(
+                route, params.model_id, body["status"], time.perf_counter() - started
+            )
+            return body
+        except IdempotencyKeyReused as exc:
+            raise ApiError(ErrorKind.VALIDATION, str(exc)) from None
         except ConcurrencyLimitExceeded as exc:
             self.metrics.rate_limit(key.plan.value)
             raise ApiError(
@@ -519,6 +536,30 @@ def current_request_id() -> str | None:
         return _get_serve_request_context().request_id or None
     except Exception:  # outside Serve
         return None
+
+
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
+
+
+def _idempotency_key(headers: dict[str, str]) -> str | None:
+    """The request's `Idempotency-Key` header, checked; None when absent."""
+    value = headers.get("idempotency-key")
+    if value is None:
+        return None
+    if not IDEMPOTENCY_KEY.fullmatch(value):
+        raise ApiError(
+            ErrorKind.VALIDATION,
+            "Idempotency-Key header must be 1-200 visible ASCII characters (no spaces)",
+        )
+    return value
+
+
+def _fingerprint(body: Text2ImgRequest) -> str:
+    """SHA-256 of the request's fields (the key aside), as sent: a random seed is not yet
+    drawn, so a retry of the same body has the same fingerprint."""
+    fields = body.model_dump(exclude={"key"}, mode="json")
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _key_from_headers(headers: dict[str, str]) -> str | None:

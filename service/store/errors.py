@@ -47,3 +47,22 @@ class KeyNameTaken(StoreError):
     def __init__(self, name: str):
         super().__init__(f"An API key named {name!r} already exists")
         self.name = name
+
+
+class IdempotencyKeyReused(StoreError):
+    """The key's Idempotency-Key already names a job made from a different request."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Idempotency-Key was already used by this API key for a different request; "
+            "use a new key for a new request"
+        )
+
+
+class DuplicateRequest(StoreError):
+    """The request repeats one already accepted under its Idempotency-Key: `job` is that one's
+    job, nothing new was created or charged."""
+
+    def __init__(self, job) -> None:
+        super().__init__(f"request already accepted as job {job.id}")
+        self.job = job

@@ -32,7 +32,12 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from service.config import Settings
 from service.pricing import PlanLimits, usd_to_micros
 from service.store.db import Base, Sessions
-from service.store.errors import ConcurrencyLimitExceeded, InvalidApiKey
+from service.store.errors import (
+    ConcurrencyLimitExceeded,
+    DuplicateRequest,
+    IdempotencyKeyReused,
+    InvalidApiKey,
+)
 from service.store.keys import ApiKey, KeyRecord
 
 
@@ -44,7 +49,10 @@ class JobStatus(enum.StrEnum):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_key_hash_status", "key_hash", "status"),)
+    __table_args__ = (
+        Index("ix_jobs_key_hash_status", "key_hash", "status"),
+        Index("ux_jobs_key_hash_idempotency_key", "key_hash", "idempotency_key", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(String(36), unique=True)
@@ -70,6 +78,10 @@ class Job(Base):
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+    # The client's Idempotency-Key header (unique per API key) and the SHA-256 of the request
+    # it came with: a retry with both equal gets this job back instead of a new charge.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 @dataclass(frozen=True)
@@ -154,11 +166,15 @@ class JobStore:
         webhook: str | None = None,
         track_id: str | None = None,
         owner: str | None = None,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
     ) -> JobRecord:
         """Accept a request for `key`: check it may run and can pay for all images, then reserve.
 
         Raises InvalidApiKey (revoked meanwhile), ConcurrencyLimitExceeded or InsufficientCredit;
-        then nothing is written.
+        then nothing is written. With an `idempotency_key` this key has used before, raises
+        DuplicateRequest with that job (same `fingerprint`) or IdempotencyKeyReused (another),
+        and writes nothing either: the key row's lock makes the look-up and the insert one step.
         """
         if samples < 1:
             raise ValueError(f"samples must be at least 1, got {samples}")
@@ -172,6 +188,15 @@ class JobStore:
             row = conn.execute(_KEY_FOR_UPDATE, {"key_id": key.id}).first()
             if row is None or row.revoked_at is not None:
                 raise InvalidApiKey()
+            if idempotency_key is not None:
+                earlier = conn.execute(
+                    _JOB_BY_IDEMPOTENCY_KEY,
+                    {"key_hash": row.key_hash, "idempotency_key": idempotency_key},
+                ).first()
+                if earlier is not None:
+                    if earlier.request_fingerprint != fingerprint:
+                        raise IdempotencyKeyReused()
+                    raise DuplicateRequest(JobRecord.of(earlier))
             limit = self._limits.concurrency(row.plan)
             if _count_processing(conn, row.key_hash) >= limit:
                 raise ConcurrencyLimitExceeded(limit)
@@ -194,6 +219,8 @@ class JobStore:
                 "owner": owner,
                 "heartbeat_at": now,
                 "attempts": 1,
+                "idempotency_key": idempotency_key,
+                "request_fingerprint": fingerprint if idempotency_key is not None else None,
             }
             job_id = conn.execute(_INSERT_JOB, values).inserted_primary_key[0]
             ledger.reserve(
@@ -343,6 +370,10 @@ _PROCESSING_OF_KEY = (
     )
 )
 _INSERT_JOB = insert(_jobs)
+_JOB_BY_IDEMPOTENCY_KEY = select(_jobs).where(
+    _jobs.c.key_hash == bindparam("key_hash"),
+    _jobs.c.idempotency_key == bindparam("idempotency_key"),
+)
 _JOB_FOR_UPDATE = select(_jobs).where(_jobs.c.id == bindparam("job_id")).with_for_update()
 _JOB_STATUS_FOR_UPDATE = (
     select(_jobs.c.status).where(_jobs.c.id == bindparam("job_id")).with_for_update()

@@ -373,3 +373,36 @@ def test_enterprise_routes_need_an_admin_key(env):
     assert report["usage"][0]["key"] == "demo"
     missing = post(client, "/api/v1/enterprise/usage", key_name="ghost").json()
     assert missing["status"] == "error"
+
+
+def test_an_idempotency_key_makes_a_retry_safe(env):
+    client, engine, service = env
+    before = balance(service, "demo")
+    body = {"key": KEY, "prompt": "a fox", "width": 64, "height": 64, "samples": 2}
+    headers = {"Idempotency-Key": "order-17"}
+    first = client.post("/api/v6/images/text2img", json=body, headers=headers).json()
+    assert first["status"] == "success", first
+    # the same request again, even through another route family: the first job, no new charge
+    retry = client.post("/api/v7/images/text-to-image", json=body, headers=headers).json()
+    assert retry["id"] == first["id"] and retry["output"] == first["output"]
+    assert len(engine.calls) == 1
+    assert before - balance(service, "demo") == Decimal("0.0094")
+
+    # the same key with another request is refused, and nothing is generated or charged
+    other = client.post(
+        "/api/v6/images/text2img", json={**body, "prompt": "a wolf"}, headers=headers
+    ).json()
+    assert other["status"] == "error"
+    assert other["message"].startswith("Idempotency-Key was already used by this API key")
+    bad = client.post(
+        "/api/v6/images/text2img", json=body, headers={"Idempotency-Key": "two words"}
+    ).json()
+    assert bad["message"] == (
+        "Idempotency-Key header must be 1-200 visible ASCII characters (no spaces)"
+    )
+    # without the header every request is new: a random seed each, a charge each
+    client.post("/api/v6/images/text2img", json=body)
+    client.post("/api/v6/images/text2img", json=body)
+    assert len(engine.calls) == 3
+    assert before - balance(service, "demo") == Decimal("0.0282")
+    assert service.ledger.audit() == []
