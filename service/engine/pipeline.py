@@ -117,6 +117,7 @@ class Engine:
         self.model_paths = {model_id: Path(path) for model_id, path in models.items()}
         self.lora_paths = {lora_id: Path(path) for lora_id, path in (loras or {}).items()}
         self.embedding_paths = {name: Path(path) for name, path in (embeddings or {}).items()}
+        self._embedding_cache: dict[str, torch.Tensor] = {}
         self.max_loaded_models = max_loaded_models
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -334,23 +335,37 @@ class Engine:
         for name in names:
             if name in loaded:
                 continue
+            width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+            vectors = self._embedding_vectors(name, width)
+            token = f"<sdserve-emb{len(loaded)}>"
+            pipe.load_textual_inversion(vectors, token=token, tokenizer=pipe.tokenizer)
+            loaded[name] = token
+        return {name: loaded[name] for name in names}
+
+    def _embedding_vectors(self, name: str, width: int) -> torch.Tensor:
+        """An embedding's vectors (read once), checked against a text encoder `width`."""
+        vectors = self._embedding_cache.get(name)
+        if vectors is None:
             path = self.embedding_paths.get(name)
             if path is None:
                 raise EmbeddingError(
                     f"embeddings_model {name!r} is not available; "
                     f"available: {', '.join(sorted(self.embedding_paths)) or 'none'}"
                 )
-            vectors = _read_embedding(path, name)
-            width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-            if vectors.shape[-1] != width:
-                raise EmbeddingError(
-                    f"embeddings_model {name!r} does not fit this model: its vectors have "
-                    f"{vectors.shape[-1]} values, the text encoder takes {width}"
-                )
-            token = f"<sdserve-emb{len(loaded)}>"
-            pipe.load_textual_inversion(vectors, token=token, tokenizer=pipe.tokenizer)
-            loaded[name] = token
-        return {name: loaded[name] for name in names}
+            vectors = self._embedding_cache[name] = _read_embedding(path, name)
+        if vectors.shape[-1] != width:
+            raise EmbeddingError(
+                f"embeddings_model {name!r} does not fit this model: its vectors have "
+                f"{vectors.shape[-1]} values, the text encoder takes {width}"
+            )
+        return vectors
+
+    def _text_width(self, model_id: str) -> int:
+        """The text encoder's embedding width, from the loaded model or its folder."""
+        if model_id in self._pipes:
+            return self._pipes[model_id].text_encoder.get_input_embeddings().weight.shape[1]
+        config = self._path(model_id) / "text_encoder" / "config.json"
+        return int(json.loads(config.read_text())["hidden_size"])
 
     def _with_embeddings(
         self, pipe: StableDiffusionPipeline, text: str, tokens: dict[str, str]
@@ -499,8 +514,14 @@ class Engine:
 
     def check_request(self, params: GenerationParams) -> None:
         """ValueError naming the field if `params` cannot be generated (what `generate` checks
-        of each request), without loading anything; step-level batching checks on submit."""
+        of each request, and its embeddings against the model), without loading the model.
+        The generator checks each request before it joins a batch, so that one bad request
+        fails alone: embeddings are not part of the batch key."""
         self._check_batch([params])
+        if params.embeddings:
+            width = self._text_width(params.model_id)
+            for name in params.embeddings:
+                self._embedding_vectors(name, width)
 
     def _check_batch(self, batch: list[GenerationParams]) -> None:
         if not batch:

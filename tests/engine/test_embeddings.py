@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from service.config import Settings
+from service.engine.continuous import ContinuousBatcher
 from service.engine.pipeline import EmbeddingError, Engine
 from service.engine.protocol import GenerationParams
 from service.engine.tiny_model import build_tiny_embedding, build_tiny_model
@@ -79,6 +80,23 @@ def test_unfit_unknown_and_unreadable_embeddings_are_clear_errors(engine):
     with pytest.raises(EmbeddingError, match="'nope' is not available; available: broken, glow"):
         image(engine, request(embeddings=["nope"]))
     assert image(engine, request()).shape == (64, 64, 3)  # and it keeps serving
+
+
+def test_a_bad_embedding_is_found_before_it_joins_a_batch(engine):
+    """Embeddings are not in the batch key, so the generator checks each request first: a bad
+    one must fail alone, not with the requests it would share a UNet call with."""
+    fresh = Engine(engine.model_paths, embeddings=engine.embedding_paths)
+    with pytest.raises(EmbeddingError, match="'wide' does not fit this model"):
+        fresh.check_request(request("a wide castle", ["wide"]))
+    assert fresh.loaded_models() == []  # checked from the model's folder, nothing loaded
+    fresh.check_request(request(embeddings=["moody"]))
+
+    batcher = ContinuousBatcher(engine, max_running_images=4)
+    with pytest.raises(EmbeddingError, match="'broken' could not be read"):
+        batcher.submit(request(embeddings=["broken"]))
+    good = batcher.submit(request(seed=9, embeddings=["moody"]))
+    batcher.run_until_idle()
+    assert good.result(timeout=60).images[0].shape == (64, 64, 3)
 
 
 def test_the_folder_lists_embedding_files_by_name(tmp_path):
