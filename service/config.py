@@ -108,6 +108,15 @@ class Settings(BaseSettings):
     image_store_url: str = Field(
         "data/images", description="fsspec URL of the folder images are written to."
     )
+    image_retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Delete output images older than this many days (their links then answer "
+        "404). Unset: keep them. `temp` images go after 24 hours either way.",
+    )
+    image_prune_interval_s: float = Field(
+        3600.0, gt=0, description="How often each ingress replica prunes the image store."
+    )
     public_base_url: str = Field(
         "http://127.0.0.1:8000", description="Base of every URL the API returns."
     )

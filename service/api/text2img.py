@@ -469,13 +469,29 @@ class ImageService:
     # ---- jobs of dead processes -----------------------------------------------------------------
 
     async def maintain(self) -> None:
-        """Forever: keep this replica's jobs alive and take over those of dead replicas."""
+        """Forever: keep this replica's jobs alive and take over those of dead replicas; prune
+        the image store now and then."""
+        next_prune = time.monotonic()
         while True:
             try:
                 await self.maintain_once()
             except Exception:
                 log.exception("job maintenance failed; retrying")
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + self.settings.image_prune_interval_s
+                try:
+                    await asyncio.to_thread(self.prune_images)
+                except Exception:
+                    log.exception("pruning the image store failed; retrying later")
             await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    def prune_images(self) -> int:
+        """Delete expired `temp` images, interrupted writes, and images past the retention."""
+        days = self.settings.image_retention_days
+        removed = self.images.prune(None if days is None else days * 86400)
+        if removed:
+            log.info("pruned %d files from the image store", removed)
+        return removed
 
     async def maintain_once(self) -> tuple[list[int], list[int]]:
         """One round: heartbeat the running jobs, then re-dispatch (or fail and refund, after

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import re
 import time
@@ -15,6 +16,7 @@ from PIL import Image
 # so a request can never reach outside it.
 IMAGE_NAME = re.compile(r"^(temp/)?[0-9a-f]{32}-\d{1,2}\.(png|base64)$")
 TEMP_LIFETIME_S = 24 * 3600
+PARTIAL_LIFETIME_S = 3600  # a write that old was interrupted
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -67,9 +69,34 @@ class ImageStore:
             return None
 
     def _age_s(self, path: str) -> float:
-        info = self._fs.info(path)
-        modified = info.get("mtime") or info.get("LastModified") or info.get("created")
-        if modified is None:
-            return 0.0
-        stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
-        return time.time() - stamp
+        return _age_of(self._fs.info(path))
+
+    def prune(self, max_age_s: float | None = None) -> int:
+        """Delete what will never be served again: `temp` images past their 24 hours, write
+        leftovers (`.partial`) older than an hour, and with `max_age_s` every image older than
+        that. Only output names are touched. Returns how many files were deleted."""
+        doomed = []
+        for path, info in self._fs.find(self._root, detail=True).items():
+            name = path[len(self._root) :].lstrip("/")
+            if name.endswith(".partial"):
+                limit = PARTIAL_LIFETIME_S if IMAGE_NAME.match(name[: -len(".partial")]) else None
+            elif IMAGE_NAME.match(name):
+                limit = TEMP_LIFETIME_S if name.startswith("temp/") else max_age_s
+                if max_age_s is not None and limit is not None:
+                    limit = min(limit, max_age_s)
+            else:
+                limit = None  # not ours: never deleted
+            if limit is not None and _age_of(info) > limit:
+                doomed.append(path)
+        for path in doomed:
+            with contextlib.suppress(FileNotFoundError):  # another replica pruned it first
+                self._fs.rm_file(path)
+        return len(doomed)
+
+
+def _age_of(info: dict) -> float:
+    modified = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if modified is None:
+        return 0.0
+    stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
+    return time.time() - stamp

@@ -8,6 +8,8 @@ import asyncio
 import base64
 import io
 import json
+import os
+import time
 from decimal import Decimal
 
 import httpx
@@ -406,3 +408,22 @@ def test_an_idempotency_key_makes_a_retry_safe(env):
     assert len(engine.calls) == 3
     assert before - balance(service, "demo") == Decimal("0.0282")
     assert service.ledger.audit() == []
+
+
+def test_images_past_the_retention_are_pruned(env, tmp_path):
+    client, _, service = env
+    body = post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64, samples=2)
+    body = body.json()
+    assert service.prune_images() == 0  # no retention set: images stay
+    stamp = time.time() - 3 * 86400
+    for url in body["output"]:
+        os.utime(tmp_path / "images" / url.rsplit("/", 1)[1], (stamp, stamp))
+    service.settings.image_retention_days = 2
+    assert service.prune_images() == 2
+    assert all(
+        client.get(url.removeprefix("http://testserver")).status_code == 404
+        for url in body["output"]
+    )
+    # the job itself, and what was charged for it, stay
+    fetched = post(client, f"/api/v6/images/fetch/{body['id']}").json()
+    assert fetched["status"] == "success" and fetched["output"] == body["output"]
