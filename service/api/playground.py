@@ -41,6 +41,8 @@ FORM_FIELDS = (
     "scheduler",
     "lora_model",
     "lora_strength",
+    "embeddings_model",
+    "safety_checker",
 )
 
 
@@ -71,6 +73,11 @@ async def playground_config(request: Request) -> dict:
         "default_model_id": service.settings.default_model_id,
         "models": served_models(service),
         "loras": service.registry.lora_ids(),
+        "embeddings": service.registry.embedding_ids(),
+        "safety_checker": {
+            "configured": bool(service.settings.safety_checker),
+            "mode": service.settings.safety_checker_mode,
+        },
         "schedulers": list(SCHEDULERS),
         "fields": {name: fields[name] for name in FORM_FIELDS if name in fields},
         "free_images_per_month": service.settings.free_images_per_month,

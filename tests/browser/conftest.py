@@ -73,8 +73,17 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
+    from service.engine.tiny_model import build_tiny_embedding, build_tiny_safety_checker
+
     tmp = tmp_path_factory.mktemp("browser")
-    settings = {"sync_window_s": 60, "free_images_per_month": 5}
+    build_tiny_embedding(tiny_model_dir, tmp / "embeddings" / "moody.pt", vectors=2)
+    settings = {
+        "sync_window_s": 60,
+        "free_images_per_month": 5,
+        "embeddings_dir": str(tmp / "embeddings"),
+        # flags every image it is asked to check
+        "safety_checker": str(build_tiny_safety_checker(tmp / "checker", flags="all")),
+    }
     with running_app(tmp, tiny_model_dir, settings=settings) as (base_url, app_settings):
         yield Server(base_url, app_settings)
 

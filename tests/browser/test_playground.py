@@ -120,6 +120,52 @@ def test_generate_shows_the_images_seed_time_and_cost(page, server, artifacts):
     page.screenshot(path=artifacts / "playground-desktop.png", full_page=True)
 
 
+def test_an_embedding_and_the_safety_check(page, server, artifacts):
+    open_playground(page, server, server.demo_key)
+    assert page.eval_on_selector_all("#embeddings_model option", "o => o.map(x => x.value)") == [
+        "",
+        "moody",
+    ]
+    assert page.is_visible("#safety_checker") and not page.is_checked("#safety_checker")
+
+    fill_form(
+        page,
+        prompt="a moody lighthouse",
+        width=128,
+        height=128,
+        samples=2,
+        seed=7,
+        num_inference_steps=2,
+    )
+    page.select_option("#embeddings_model", "moody")
+    page.check("#safety_checker")
+    code = page.inner_text("#code-snippet")
+    assert '"embeddings_model": "moody"' in code and '"safety_checker": "yes"' in code
+    page.click("#generate")
+
+    images = loaded_images(page, 2)
+    assert page.inner_text("#nsfw-note") == (
+        "The safety checker flagged 2 of 2 images: replaced as the request asked."
+    )
+    captions = page.eval_on_selector_all("#gallery figcaption", "c => c.map(x => x.textContent)")
+    assert captions == ["128×128, flagged", "128×128, flagged"]
+    # the default treatment: the same notice in place of each picture
+    first, second = (requests.get(image["src"], timeout=30).content for image in images)
+    assert first == second
+    page.screenshot(path=artifacts / "playground-safety-check.png", full_page=True)
+
+    # unchecked again: nothing is checked, nothing flagged
+    page.uncheck("#safety_checker")
+    page.click("#generate")
+    page.wait_for_function(
+        """() => {
+            const captions = [...document.querySelectorAll('#gallery figcaption')];
+            return captions.length === 2 && captions.every(c => c.textContent === '128×128');
+        }"""
+    )
+    assert not page.is_visible("#nsfw-note")
+
+
 def test_a_bad_width_shows_the_api_message_next_to_width(page, server, artifacts):
     open_playground(page, server, server.demo_key)
     fill_form(page, width=100, height=128, num_inference_steps=2)

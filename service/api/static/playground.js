@@ -10,8 +10,9 @@ const KEY_PLACEHOLDER = "YOUR_API_KEY";
 const TEXT2IMG_PATH = "/api/v6/images/text2img";
 // Longest first, so `negative_prompt ...` never matches `prompt`.
 const FIELD_NAMES = [
-  "num_inference_steps", "negative_prompt", "guidance_scale", "lora_strength", "lora_model",
-  "model_id", "scheduler", "samples", "prompt", "height", "width", "seed",
+  "num_inference_steps", "embeddings_model", "negative_prompt", "guidance_scale",
+  "lora_strength", "lora_model", "model_id", "scheduler", "samples", "prompt", "height",
+  "width", "seed",
 ];
 const NUMERIC_FIELDS = new Set(["width", "height", "samples", "num_inference_steps", "guidance_scale"]);
 
@@ -85,6 +86,9 @@ function requestBody() {
       body[name] = value;
     }
   }
+  const embedding = fieldValue("embeddings_model");
+  if (embedding) body.embeddings_model = embedding;
+  if ($("safety_checker").checked && !$("safety_checker").disabled) body.safety_checker = "yes";
   const lora = fieldValue("lora_model");
   if (lora) {
     body.lora_model = lora;
@@ -144,7 +148,27 @@ function applyConfig(config) {
     defaultScheduler,
   );
   applyLoras(config.loras || []);
+  applyEmbeddings(config.embeddings || []);
+  applySafetyChecker(config.safety_checker || { configured: false });
   applyModels(config.models, config.default_model_id);
+}
+
+function applyEmbeddings(embeddings) {
+  setOptions(
+    $("embeddings_model"),
+    [{ value: "", label: "none" }, ...embeddings.map((id) => ({ value: id, label: id }))],
+    "",
+  );
+  $("embeddings_model-field").hidden = embeddings.length === 0;
+}
+
+// Shown only where the server has a checker; "always" checks every image, so the box is set.
+function applySafetyChecker(checker) {
+  $("safety_checker-field").hidden = !checker.configured;
+  const always = checker.mode === "always";
+  $("safety_checker").checked = always;
+  $("safety_checker").disabled = always;
+  if (always) $("safety_checker-hint").textContent = "This server checks every image.";
 }
 
 function applyLoras(loras) {
@@ -354,6 +378,7 @@ function setStatus(kind, text) {
 function showPlaceholders(count, width, height) {
   const gallery = $("gallery");
   gallery.replaceChildren();
+  $("nsfw-note").hidden = true;
   for (let i = 0; i < count; i += 1) {
     const box = document.createElement("div");
     box.className = "placeholder";
@@ -362,8 +387,12 @@ function showPlaceholders(count, width, height) {
   }
 }
 
-function showImages(urls, width, height) {
+function showImages(urls, width, height, flags = []) {
   const gallery = $("gallery");
+  const flagged = flags.filter(Boolean).length;
+  $("nsfw-note").hidden = flagged === 0;
+  $("nsfw-note").textContent = flagged === 0 ? ""
+    : `The safety checker flagged ${flagged} of ${urls.length} image${urls.length === 1 ? "" : "s"}: replaced as the request asked.`;
   gallery.replaceChildren(
     ...urls.map((url, i) => {
       const figure = document.createElement("figure");
@@ -377,7 +406,7 @@ function showImages(urls, width, height) {
       img.style.aspectRatio = `${width} / ${height}`;
       link.append(img);
       const caption = document.createElement("figcaption");
-      caption.textContent = `${width}×${height}`;
+      caption.textContent = flags[i] ? `${width}×${height}, flagged` : `${width}×${height}`;
       figure.append(link, caption);
       return figure;
     }),
@@ -433,7 +462,7 @@ async function generate(event) {
     }
     if (job.status === "success") {
       const meta = job.meta || {};
-      showImages(job.output, meta.width, meta.height);
+      showImages(job.output, meta.width, meta.height, meta.nsfw_flags || []);
       showResult(job);
       setStatus("success", `Done in ${elapsed()} s`);
       refreshKey();
