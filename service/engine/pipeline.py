@@ -362,8 +362,9 @@ class Engine:
 
     def _text_width(self, model_id: str) -> int:
         """The text encoder's embedding width, from the loaded model or its folder."""
-        if model_id in self._pipes:
-            return self._pipes[model_id].text_encoder.get_input_embeddings().weight.shape[1]
+        pipe = self._pipes.get(model_id)  # other threads may load or unload meanwhile
+        if pipe is not None:
+            return pipe.text_encoder.get_input_embeddings().weight.shape[1]
         config = self._path(model_id) / "text_encoder" / "config.json"
         return int(json.loads(config.read_text())["hidden_size"])
 
