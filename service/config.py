@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     image_store_url: str = Field(
         "data/images", description="fsspec URL of the folder images are written to."
     )
+    image_url_base: str | None = Field(
+        None,
+        description="Where clients download images from, instead of this server's /images/ "
+        "route: a CDN or public bucket in front of image_store_url (e.g. "
+        "https://cdn.example.com/outputs); each image is at {image_url_base}/{name}.",
+    )
     image_retention_days: float | None = Field(
         None,
         gt=0,
@@ -211,6 +217,13 @@ class Settings(BaseSettings):
         if self.safety_checker_mode == "always" and not self.safety_checker:
             raise ValueError("safety_checker_mode 'always' needs safety_checker (a folder)")
         return self
+
+    @field_validator("image_url_base")
+    @classmethod
+    def _image_url_base_is_a_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
 
     @field_validator("webhook_allowed_hosts")
     @classmethod

@@ -89,6 +89,7 @@ class ImageService:
         self._generate = generate
         self.metrics = metrics or NoMetrics()
         self._base_url = settings.public_base_url.rstrip("/")
+        self._image_base = (settings.image_url_base or f"{self._base_url}/images").rstrip("/")
         self._running: dict[int, asyncio.Task] = {}
         # requests past the max_inflight_jobs check whose job row is being written: they count
         # against the bound too, or a burst passes the check before any of them has started
@@ -405,7 +406,7 @@ class ImageService:
         }
 
     def urls(self, names: list[str]) -> list[str]:
-        return [f"{self._base_url}/images/{name}" for name in names]
+        return [f"{self._image_base}/{name}" for name in names]
 
     def _eta(self, params: GenerationParams) -> float:
         pixels = params.width * params.height / (768 * 768)

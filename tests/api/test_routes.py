@@ -427,3 +427,45 @@ def test_images_past_the_retention_are_pruned(env, tmp_path):
     # the job itself, and what was charged for it, stay
     fetched = post(client, f"/api/v6/images/fetch/{body['id']}").json()
     assert fetched["status"] == "success" and fetched["output"] == body["output"]
+
+
+def test_image_urls_can_point_at_a_cdn_in_front_of_the_store(tmp_path):
+    """With image_url_base, clients download from where the operator serves the store (here a
+    plain static file server over the store's parent folder), not through this server."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    cdn = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=cdn.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{cdn.server_port}/outputs"
+    write_model_configs(tmp_path / "model")
+    settings = Settings(
+        models={"stable-diffu": str(tmp_path / "model")},
+        database_url=f"sqlite:///{tmp_path}/db.sqlite",
+        image_store_url=str(tmp_path / "outputs"),
+        public_base_url="http://testserver",
+        image_url_base=base,
+        demo_key=KEY,
+        min_size=64,
+    )
+    service = build_image_service(settings, FakeEngine())
+    app = create_app(settings.max_body_bytes, settings.strict_http_status)
+    app.state.service = service
+    try:
+        with TestClient(app) as client:
+            fields = {"prompt": "x", "width": 64, "height": 64}
+            png = post(client, "/api/v6/images/text2img", **fields).json()
+            temp = post(client, "/api/v6/images/text2img", temp="yes", **fields).json()
+            for body in (png, temp):
+                [url] = body["output"]
+                assert url.startswith(base + "/"), url
+                served = httpx.get(url)
+                assert served.status_code == 200
+                assert Image.open(io.BytesIO(served.content)).size == (64, 64)
+            assert temp["output"][0].startswith(base + "/temp/")
+    finally:
+        cdn.shutdown()
+    with pytest.raises(ValueError, match="is not an http:// or https:// URL"):
+        Settings(image_url_base="cdn.example.com")
