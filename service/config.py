@@ -162,6 +162,11 @@ class Settings(BaseSettings):
         0.05, description="Rough per-step time used for the `eta` of processing responses."
     )
     webhook_timeout_s: float = Field(30.0, description="Per-attempt timeout of a webhook POST.")
+    webhook_secret: str | None = Field(
+        None,
+        description="Signs every webhook POST: X-Sdserve-Signature: t=<unix time>,v1=<hex "
+        "HMAC-SHA256 of '<t>.<body>'>, for receivers to verify. Unset: unsigned.",
+    )
     webhook_attempts: int = Field(3, description="Webhook POST attempts before giving up.")
     webhook_backoff_s: float = Field(1.0, description="First retry delay; doubles per attempt.")
     max_inflight_jobs: int = Field(

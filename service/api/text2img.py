@@ -442,6 +442,7 @@ class ImageService:
             attempts=settings.webhook_attempts,
             timeout_s=settings.webhook_timeout_s,
             backoff_s=settings.webhook_backoff_s,
+            secret=settings.webhook_secret,
         )
         try:
             job = await self._job_for_webhook(job_id)

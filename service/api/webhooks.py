@@ -9,15 +9,23 @@ the request arrives; a host name is checked after resolution, on every address i
 and the POST then goes to that checked address with the name kept in the Host header and TLS
 SNI, so a DNS answer that changes between check and connect (rebinding) cannot redirect it.
 Redirects are never followed.
+
+With a `webhook_secret`, every POST carries `X-Sdserve-Signature: t=<unix time>,v1=<hex>`, the
+HMAC-SHA256 of `<t>.<body>` under the secret, so a receiver can tell sdserve's callbacks from
+forged ones and refuse replays (`verify_signature`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import ipaddress
+import json
 import logging
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -202,6 +210,31 @@ async def resolve_host(host: str, port: int) -> list[IPAddress]:
     return addresses
 
 
+SIGNATURE_HEADER = "X-Sdserve-Signature"
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """The signature header's value for `body` sent at `timestamp` (unix seconds)."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={digest.hexdigest()}"
+
+
+def verify_signature(
+    secret: str, header: str, body: bytes, tolerance_s: float = 300, now: float | None = None
+) -> bool:
+    """Whether `header` (the X-Sdserve-Signature value) signs `body` under `secret`, at most
+    `tolerance_s` ago: what a receiver checks before it trusts a callback."""
+    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
+    try:
+        timestamp = int(fields["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
+        return False
+    expected = sign(secret, body, timestamp).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, fields.get("v1", ""))
+
+
 class WebhookSender:
     """POSTs a payload to a webhook: a bounded number of attempts with doubling backoff, each
     within `timeout_s` (resolution, connection and answer together); a 2xx is delivered.
@@ -218,8 +251,10 @@ class WebhookSender:
         timeout_s: float,
         backoff_s: float,
         resolver: Resolver | None = None,
+        secret: str | None = None,
     ):
         self.policy = policy
+        self.secret = secret
         self.attempts = max(1, attempts)
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
@@ -262,7 +297,10 @@ class WebhookSender:
         if reason is not None:
             log.warning("webhook blocked: %s", reason)
             return BLOCKED
-        headers = {"Host": target.url.netloc.decode("ascii")}
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        headers = {"Host": target.url.netloc.decode("ascii"), "Content-Type": "application/json"}
+        if self.secret:
+            headers[SIGNATURE_HEADER] = sign(self.secret, body, int(time.time()))
         extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
         last_error: Exception | None = None
         for address in addresses:
@@ -270,7 +308,7 @@ class WebhookSender:
             pinned = target.url.copy_with(host=str(address))
             try:
                 response = await client.post(
-                    pinned, json=payload, headers=headers, extensions=extensions
+                    pinned, content=body, headers=headers, extensions=extensions
                 )
             except httpx.ConnectError as exc:
                 last_error = exc

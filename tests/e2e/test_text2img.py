@@ -15,6 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
+from service.api.webhooks import SIGNATURE_HEADER, verify_signature
 from service.config import DEMO_API_KEY
 from service.engine.tiny_model import build_tiny_safety_checker
 from tests.conftest import running_app
@@ -22,6 +23,7 @@ from tests.conftest import running_app
 pytestmark = pytest.mark.slow
 
 FAST = {"width": 128, "height": 128, "num_inference_steps": 2}
+WEBHOOK_SECRET = "whsec-e2e"
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,7 @@ def server(tmp_path_factory, tiny_model_dir):
         "sync_window_s": 60,
         "max_concurrent_requests": limits,
         "webhook_allowed_hosts": ["127.0.0.1"],
+        "webhook_secret": WEBHOOK_SECRET,
         # flags every image it is asked to check; requests that do not ask are not checked
         "safety_checker": str(build_tiny_safety_checker(tmp / "checker", flags="all")),
     }
@@ -196,7 +199,11 @@ class _Receiver(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 - http.server's name
         length = int(self.headers["Content-Length"])
-        _Receiver.received.append(json.loads(self.rfile.read(length)))
+        body = self.rfile.read(length)
+        signature = self.headers.get(SIGNATURE_HEADER, "")
+        _Receiver.received.append(
+            {**json.loads(body), "_verified": verify_signature(WEBHOOK_SECRET, signature, body)}
+        )
         self.send_response(200)
         self.end_headers()
 
@@ -217,6 +224,7 @@ def test_webhook_receives_the_result_with_track_id(server):
         assert _Receiver.received, "webhook never arrived"
         delivered = _Receiver.received[0]
         assert delivered["status"] == "success" and delivered["track_id"] == "order-42"
+        assert delivered.pop("_verified"), "the webhook's signature did not verify"
         assert delivered["id"] == body["id"] and delivered["output"] == body["output"]
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
