@@ -145,6 +145,13 @@ def test_chart_made_secret(rendered, render):
     # No admin key given: one is generated (and kept across upgrades through `lookup`).
     generated = one(rendered["helm:defaults"], "Secret")["stringData"]["admin-key"]
     assert generated.startswith("sk-") and len(generated) >= 40
+    # A webhook secret goes there too when given, and every container reads it (optional key).
+    signed = render(*sets(*REQUIRED_VALUES, "webhookSecret=whsec-123"))
+    assert one(signed, "Secret")["stringData"]["webhook-secret"] == "whsec-123"
+    for _, _, container in ray_containers(one(signed, "RayService")):
+        [ref] = [e for e in container["env"] if e["name"] == "SDSERVE_WEBHOOK_SECRET"]
+        assert ref["valueFrom"]["secretKeyRef"]["key"] == "webhook-secret"
+        assert ref["valueFrom"]["secretKeyRef"]["optional"] is True
     # S3 credentials go to the same Secret when asked.
     s3 = render(
         *sets(*REQUIRED_VALUES, "imageStore.s3.credentialsFromSecret=true"),

@@ -109,6 +109,12 @@ applications:
     secretKeyRef:
       name: {{ include "sdserve.secretName" . }}
       key: admin-key
+- name: SDSERVE_WEBHOOK_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "sdserve.secretName" . }}
+      key: webhook-secret
+      optional: true
 - name: SDSERVE_DEMO_KEY
   value: {{ .Values.demoKey | quote }}
 - name: SDSERVE_PUBLIC_BASE_URL
