@@ -123,11 +123,18 @@ class ImageService:
         record = await asyncio.to_thread(self.keys.authenticate, plaintext)
         if record is None:
             self._known_keys.pop(digest, None)
-            raise ApiError(ErrorKind.AUTH, "Invalid API key")
+            raise ApiError(ErrorKind.AUTH, await asyncio.to_thread(self._refusal, digest))
         if len(self._known_keys) >= KEY_CACHE_SIZE:
             self._known_keys.clear()
         self._known_keys[digest] = (record, now + KEY_CACHE_TTL_S)
         return record
+
+    def _refusal(self, key_hash: str) -> str:
+        """Why a key was refused: an expired key says when (only its holder can ask)."""
+        key = self.keys.by_hash(key_hash)
+        if key is not None and not key.revoked and key.expires_at is not None:
+            return f"Invalid API key: it expired at {key.expires_at:%Y-%m-%d %H:%M} UTC"
+        return "Invalid API key"
 
     async def authenticate_admin(self, body: KeyedRequest, headers: dict[str, str]) -> KeyRecord:
         key = await self.authenticate(body, headers)
@@ -216,8 +223,8 @@ class ImageService:
             ) from None
         except InsufficientCredit as exc:
             raise ApiError(ErrorKind.CREDIT, str(exc)) from None
-        except InvalidApiKey:  # revoked between authenticate and create
-            raise ApiError(ErrorKind.AUTH, "Invalid API key") from None
+        except InvalidApiKey as exc:  # revoked or expired between authenticate and create
+            raise ApiError(ErrorKind.AUTH, exc.message) from None
         finally:
             self._admitting -= 1
 

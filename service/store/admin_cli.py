@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
 from sqlalchemy.orm import sessionmaker
@@ -25,7 +26,7 @@ from service.store.ledger import Ledger, usage_document
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `keys create|list|revoke|topup` and `usage` on the `sdserve` parser."""
+    """Register `keys create|list|expire|revoke|topup` and `usage` on the `sdserve` parser."""
     keys = subparsers.add_parser("keys", help="create, list, revoke and top up API keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
 
@@ -36,7 +37,20 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "--balance", type=_usd, default=Decimal(0), help="first balance in USD (pay_per_use)"
     )
     create.add_argument("--admin", action="store_true", help="may call the enterprise endpoints")
+    create.add_argument(
+        "--expires",
+        type=_expiry,
+        help="stop working then: in N days (30d), hours (12h), or at "
+        "an ISO time with zone (2027-01-31T00:00Z)",
+    )
     create.set_defaults(run=keys_create)
+
+    expire = keys_commands.add_parser("expire", help="set or clear a key's expiry")
+    expire.add_argument("name")
+    when = expire.add_mutually_exclusive_group(required=True)
+    when.add_argument("--at", dest="expires", type=_expiry, help="30d, 12h or an ISO time")
+    when.add_argument("--never", action="store_true", help="the key never expires")
+    expire.set_defaults(run=keys_expire)
 
     keys_list = keys_commands.add_parser("list", help="list keys (never their secrets)")
     keys_list.set_defaults(run=keys_list_command)
@@ -62,24 +76,34 @@ def keys_create(args: argparse.Namespace, settings: Settings | None = None) -> i
     with _sessions(settings) as sessions:
         try:
             plaintext, key = KeyStore(sessions).create(
-                args.name, Plan(args.plan), balance=args.balance, admin=args.admin
+                args.name,
+                Plan(args.plan),
+                balance=args.balance,
+                admin=args.admin,
+                expires_at=args.expires,
             )
         except (StoreError, ValueError) as exc:
             return _fail(exc)
     balance = f", balance {format_usd(key.balance)} USD" if key.plan is Plan.PAY_PER_USE else ""
     admin = ", admin" if key.admin else ""
-    print(f"Created key {key.name!r} (id {key.id}, plan {key.plan}{balance}{admin}).")
+    expiry = f", expires {_when(key.expires_at)}" if key.expires_at else ""
+    print(f"Created key {key.name!r} (id {key.id}, plan {key.plan}{balance}{admin}{expiry}).")
     print(f"API key: {plaintext}")
     print("Copy it now: only its hash is stored, it will not be shown again.")
     return 0
 
 
 def keys_list_command(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    """Print every key: id, name, plan, admin, balance and whether it is revoked."""
+    """Print every key: id, name, plan, admin, balance, expiry and whether it still works."""
     with _sessions(settings) as sessions:
         keys = KeyStore(sessions).list()
+    now = datetime.now(UTC)
+
+    def status(key) -> str:
+        return "revoked" if key.revoked else "expired" if key.expired(now) else "active"
+
     _print_table(
-        ["ID", "NAME", "PLAN", "ADMIN", "BALANCE_USD", "STATUS"],
+        ["ID", "NAME", "PLAN", "ADMIN", "BALANCE_USD", "EXPIRES", "STATUS"],
         [
             [
                 key.id,
@@ -87,11 +111,24 @@ def keys_list_command(args: argparse.Namespace, settings: Settings | None = None
                 key.plan,
                 "yes" if key.admin else "no",
                 format_usd(key.balance) if key.plan is Plan.PAY_PER_USE else "-",
-                "revoked" if key.revoked else "active",
+                _when(key.expires_at) if key.expires_at else "never",
+                status(key),
             ]
             for key in keys
         ],
     )
+    return 0
+
+
+def keys_expire(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    """Set when a key stops working, or that it never does."""
+    with _sessions(settings) as sessions:
+        try:
+            key = KeyStore(sessions).set_expiry(args.name, None if args.never else args.expires)
+        except (StoreError, ValueError) as exc:
+            return _fail(exc)
+    when = f"expires {_when(key.expires_at)}" if key.expires_at else "never expires"
+    print(f"Key {key.name!r} (id {key.id}) {when}.")
     return 0
 
 
@@ -156,6 +193,28 @@ def _usd(text: str) -> Decimal:
     except (InvalidOperation, ValueError) as exc:
         raise argparse.ArgumentTypeError(f"{text!r} is not a USD amount: {exc}") from None
     return value
+
+
+def _expiry(text: str) -> datetime:
+    """`30d` / `12h` from now, or an ISO 8601 time with its zone (`Z` for UTC)."""
+    text = text.strip()
+    amount = re.fullmatch(r"(\d+(?:\.\d+)?)([dh])", text)
+    if amount:
+        unit = {"d": "days", "h": "hours"}[amount.group(2)]
+        return datetime.now(UTC) + timedelta(**{unit: float(amount.group(1))})
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected 30d, 12h or an ISO time with a zone (2027-01-31T00:00Z)"
+        )
+    return moment
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
 
 
 def _date(text: str) -> date:

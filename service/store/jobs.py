@@ -38,7 +38,7 @@ from service.store.errors import (
     IdempotencyKeyReused,
     InvalidApiKey,
 )
-from service.store.keys import ApiKey, KeyRecord
+from service.store.keys import ApiKey, KeyRecord, as_utc
 
 
 class JobStatus(enum.StrEnum):
@@ -188,6 +188,11 @@ class JobStore:
             row = conn.execute(_KEY_FOR_UPDATE, {"key_id": key.id}).first()
             if row is None or row.revoked_at is not None:
                 raise InvalidApiKey()
+            expires_at = as_utc(row.expires_at)
+            if expires_at is not None and now >= expires_at:
+                raise InvalidApiKey(
+                    f"Invalid API key: it expired at {expires_at:%Y-%m-%d %H:%M} UTC"
+                )
             if idempotency_key is not None:
                 earlier = conn.execute(
                     _JOB_BY_IDEMPOTENCY_KEY,
@@ -357,7 +362,14 @@ class JobStore:
 _jobs = Job.__table__
 _keys = ApiKey.__table__
 _KEY_FOR_UPDATE = (
-    select(_keys.c.id, _keys.c.key_hash, _keys.c.plan, _keys.c.balance_micros, _keys.c.revoked_at)
+    select(
+        _keys.c.id,
+        _keys.c.key_hash,
+        _keys.c.plan,
+        _keys.c.balance_micros,
+        _keys.c.revoked_at,
+        _keys.c.expires_at,
+    )
     .where(_keys.c.id == bindparam("key_id"))
     .with_for_update()
 )

@@ -39,6 +39,8 @@ class ApiKey(Base):
     balance_micros: Mapped[int] = mapped_column(BigInteger, default=0)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # a key stops working at this instant, like a revocation decided in advance; None: never
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class KeyRow(Protocol):
@@ -60,6 +62,10 @@ class KeyRecord:
     key_hash: str
     balance_micros: int
     revoked: bool
+    expires_at: datetime | None = None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
     @property
     def balance(self) -> Decimal:
@@ -76,7 +82,15 @@ class KeyRecord:
             key_hash=row.key_hash,
             balance_micros=int(row.balance_micros),
             revoked=row.revoked_at is not None,
+            expires_at=as_utc(row.expires_at),
         )
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes for timezone-aware columns; they were stored as UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
 
 
 def generate_key() -> str:
@@ -104,7 +118,12 @@ class KeyStore:
         self._clock = clock or (lambda: datetime.now(UTC))
 
     def create(
-        self, name: str, plan: Plan | str, balance: Decimal = Decimal(0), admin: bool = False
+        self,
+        name: str,
+        plan: Plan | str,
+        balance: Decimal = Decimal(0),
+        admin: bool = False,
+        expires_at: datetime | None = None,
     ) -> tuple[str, KeyRecord]:
         """A new key; returns its plaintext (show it once, it is not stored) and its record."""
         plaintext = generate_key()
@@ -113,6 +132,8 @@ class KeyStore:
                 if find_key(session, name) is not None:
                     raise KeyNameTaken(name)
                 row = self._insert(session, plaintext, name, plan, balance, admin)
+                if expires_at is not None:
+                    row.expires_at = self._future(expires_at)
                 return plaintext, KeyRecord.of(row)
         except IntegrityError:
             raise KeyNameTaken(name) from None
@@ -147,7 +168,7 @@ class KeyStore:
         raise AssertionError("unreachable")
 
     def authenticate(self, plaintext: str | None) -> KeyRecord | None:
-        """The live key for this plaintext; None when missing, unknown or revoked."""
+        """The live key for this plaintext; None when missing, unknown, revoked or expired."""
         if not plaintext:
             return None
         key_hash = hash_key(plaintext)
@@ -155,7 +176,26 @@ class KeyStore:
             row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
             if row is None or not hmac.compare_digest(row.key_hash, key_hash):
                 return None
-            return None if row.revoked_at is not None else KeyRecord.of(row)
+            record = KeyRecord.of(row)
+            if record.revoked or record.expired(self._clock()):
+                return None
+            return record
+
+    def set_expiry(self, name_or_id: str | int, expires_at: datetime | None) -> KeyRecord:
+        """Make a key stop working at `expires_at` (in the future), or never (None)."""
+        with self._sessions.begin() as session:
+            row = find_key(session, name_or_id, lock=True)
+            if row is None:
+                raise KeyNotFound(name_or_id)
+            row.expires_at = None if expires_at is None else self._future(expires_at)
+            return KeyRecord.of(row)
+
+    def _future(self, moment: datetime) -> datetime:
+        if moment.tzinfo is None:
+            raise ValueError("an expiry time must carry its time zone")
+        if moment <= self._clock():
+            raise ValueError(f"an expiry time must be in the future, got {moment.isoformat()}")
+        return moment.astimezone(UTC)
 
     def revoke(self, name_or_id: str | int) -> KeyRecord:
         """Stop a key at once (its next request and any job it has not yet created fail)."""

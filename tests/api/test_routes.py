@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import re
 import time
 from decimal import Decimal
 
@@ -469,3 +470,28 @@ def test_image_urls_can_point_at_a_cdn_in_front_of_the_store(tmp_path):
         cdn.shutdown()
     with pytest.raises(ValueError, match="is not an http:// or https:// URL"):
         Settings(image_url_base="cdn.example.com")
+
+
+def test_an_expired_key_is_refused_with_when(env):
+    client, engine, service = env
+    from datetime import UTC, datetime, timedelta
+
+    from service.pricing import Plan
+
+    plaintext, _ = service.keys.create(
+        "short-lived", Plan.PREMIUM, expires_at=datetime.now(UTC) + timedelta(seconds=1)
+    )
+    body = {"key": plaintext, "prompt": "x", "width": 64, "height": 64}
+    first = client.post("/api/v6/images/text2img", json=body).json()
+    assert first["status"] == "success", first
+    time.sleep(1.2)
+    for path, payload in [
+        ("/api/v6/images/text2img", body),
+        (f"/api/v6/images/fetch/{first['id']}", {"key": plaintext}),
+    ]:
+        refused = client.post(path, json=payload).json()
+        assert refused["status"] == "error"
+        assert re.fullmatch(
+            r"Invalid API key: it expired at \d{4}-\d\d-\d\d \d\d:\d\d UTC", refused["message"]
+        ), refused
+    assert len(engine.calls) == 1

@@ -46,14 +46,24 @@ def test_keys_lifecycle(sdserve):
     code, out, _ = sdserve("keys", "revoke", "bob")
     assert code == 0 and "Revoked key 'bob'" in out
 
+    code, out, _ = sdserve("keys", "create", "--name", "carol", "--plan", "premium",
+                           "--expires", "2099-01-31T00:00Z")  # fmt: skip
+    assert code == 0 and "expires 2099-01-31 00:00 UTC" in out
+
     code, out, _ = sdserve("keys", "list")
     lines = [line.split() for line in out.splitlines()]
     assert lines == [
-        ["ID", "NAME", "PLAN", "ADMIN", "BALANCE_USD", "STATUS"],
-        ["1", "alice", "pay_per_use", "yes", "0.75", "active"],
-        ["2", "bob", "free", "no", "-", "revoked"],
+        ["ID", "NAME", "PLAN", "ADMIN", "BALANCE_USD", "EXPIRES", "STATUS"],
+        ["1", "alice", "pay_per_use", "yes", "0.75", "never", "active"],
+        ["2", "bob", "free", "no", "-", "never", "revoked"],
+        ["3", "carol", "premium", "no", "-", "2099-01-31", "00:00", "UTC", "active"],
     ]
     assert plaintext not in out
+
+    code, out, _ = sdserve("keys", "expire", "alice", "--at", "30d")
+    assert code == 0 and "Key 'alice' (id 1) expires 20" in out
+    code, out, _ = sdserve("keys", "expire", "alice", "--never")
+    assert code == 0 and "never expires" in out
 
     engine = make_engine(sdserve.settings.database_url)
     assert KeyStore(make_sessionmaker(engine)).authenticate(plaintext).name == "alice"
@@ -67,6 +77,8 @@ def test_keys_lifecycle(sdserve):
         ("keys", "topup", "nobody", "1"),
         ("keys", "create", "--name", "p", "--plan", "premium", "--balance", "1"),
         ("usage", "--key", "nobody"),
+        ("keys", "expire", "nobody", "--never"),
+        ("keys", "create", "--name", "q", "--plan", "free", "--expires", "2001-01-01T00:00Z"),
     ],
 )
 def test_errors_are_reported_not_raised(sdserve, argv):
@@ -75,7 +87,12 @@ def test_errors_are_reported_not_raised(sdserve, argv):
 
 
 def test_bad_amounts_and_dates_are_usage_errors(sdserve):
-    for argv in [("keys", "topup", "a", "0.0000001"), ("usage", "--since", "March")]:
+    for argv in [
+        ("keys", "topup", "a", "0.0000001"),
+        ("usage", "--since", "March"),
+        ("keys", "create", "--name", "n", "--plan", "free", "--expires", "2027-01-31"),
+        ("keys", "expire", "a", "--at", "soon"),
+    ]:
         with pytest.raises(SystemExit):
             sdserve(*argv)
 

@@ -21,7 +21,7 @@ def test_migrated_schema_matches_the_models(db):
     with db.engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
-        assert head == "0004" and context.get_current_revision() == head
+        assert head == "0005" and context.get_current_revision() == head
         assert compare_metadata(context, Base.metadata) == []
 
 
