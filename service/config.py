@@ -94,7 +94,7 @@ class Settings(BaseSettings):
         2, ge=0, description="Latent sizes compiled and graphed per model; others run eager."
     )
 
-    # request bounds (operator-configurable; see docs/api.md)
+    # request bounds (operator-configurable; README, "The API")
     min_size: int = Field(256, description="Smallest width/height in pixels.")
     max_size: int = Field(1024, description="Largest width/height in pixels.")
     max_steps: int = Field(50, description="Largest num_inference_steps.")
