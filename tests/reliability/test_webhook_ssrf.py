@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import socket
 
 import httpx
@@ -297,7 +298,11 @@ def test_https_keeps_the_name_for_tls_while_connecting_to_the_checked_address(mo
     [(url, kwargs)] = sent
     assert url.host == "93.184.216.34" and url.port == 8443 and url.scheme == "https"
     assert url.path == "/hook" and url.query == b"x=1"
-    assert kwargs["headers"] == {"Host": "public.example:8443"}
+    assert kwargs["headers"] == {
+        "Host": "public.example:8443",
+        "Content-Type": "application/json",  # the body goes as bytes: signed as sent
+    }
+    assert json.loads(kwargs["content"]) == {"a": 1}
     assert kwargs["extensions"] == {"sni_hostname": "public.example"}
     record(
         "security",
