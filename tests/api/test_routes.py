@@ -57,26 +57,36 @@ class FakeEngine:
         return GenerationOutput(images=images, seed=params.seed, batch_size=params.samples)
 
 
-@pytest.fixture()
-def env(tmp_path):
+def make_app(tmp_path, **overrides):
+    """The HTTP app on a SQLite file and an image folder under `tmp_path`, with a FakeEngine;
+    returns (app, engine, service)."""
     write_model_configs(tmp_path / "model")
     settings = Settings(
-        models={"stable-diffu": str(tmp_path / "model")},
-        database_url=f"sqlite:///{tmp_path}/db.sqlite",
-        image_store_url=str(tmp_path / "images"),
-        public_base_url="http://testserver",
-        demo_key=KEY,
-        demo_key_balance_usd=1,
-        min_size=64,
-        sync_window_s=5,
-        max_body_bytes=4096,
-        webhook_attempts=1,
-        webhook_allowed_hosts=["127.0.0.1"],
+        **{
+            "models": {"stable-diffu": str(tmp_path / "model")},
+            "database_url": f"sqlite:///{tmp_path}/db.sqlite",
+            "image_store_url": str(tmp_path / "images"),
+            "public_base_url": "http://testserver",
+            "demo_key": KEY,
+            "demo_key_balance_usd": 1,
+            "min_size": 64,
+            "sync_window_s": 5,
+            "max_body_bytes": 4096,
+            "webhook_attempts": 1,
+            "webhook_allowed_hosts": ["127.0.0.1"],
+            **overrides,
+        }
     )
     engine = FakeEngine()
     service = build_image_service(settings, engine)
     app = create_app(settings.max_body_bytes, settings.strict_http_status)
     app.state.service = service
+    return app, engine, service
+
+
+@pytest.fixture()
+def env(tmp_path):
+    app, engine, service = make_app(tmp_path)
     with TestClient(app) as client:
         yield client, engine, service
 
@@ -441,19 +451,7 @@ def test_image_urls_can_point_at_a_cdn_in_front_of_the_store(tmp_path):
     cdn = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=cdn.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{cdn.server_port}/outputs"
-    write_model_configs(tmp_path / "model")
-    settings = Settings(
-        models={"stable-diffu": str(tmp_path / "model")},
-        database_url=f"sqlite:///{tmp_path}/db.sqlite",
-        image_store_url=str(tmp_path / "outputs"),
-        public_base_url="http://testserver",
-        image_url_base=base,
-        demo_key=KEY,
-        min_size=64,
-    )
-    service = build_image_service(settings, FakeEngine())
-    app = create_app(settings.max_body_bytes, settings.strict_http_status)
-    app.state.service = service
+    app, _, _ = make_app(tmp_path, image_store_url=str(tmp_path / "outputs"), image_url_base=base)
     try:
         with TestClient(app) as client:
             fields = {"prompt": "x", "width": 64, "height": 64}

@@ -7,8 +7,10 @@ on the local server for the session (tables emptied between tests) and dropped a
 from __future__ import annotations
 
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,18 @@ def db(request, tmp_path) -> Db:
     yield Db(request.param, engine, make_sessionmaker(engine), Clock())
     if request.param == "sqlite":
         engine.dispose()
+
+
+def submit_job(jobs: JobStore, key, samples: int = 1, price: Decimal = Decimal("0.0047"), **extra):
+    """Accept a job of `samples` images for `key` (what text2img does), through `jobs`."""
+    return jobs.create(
+        request_id=str(uuid.uuid4()),
+        key=key,
+        model_id="stable-diffu",
+        samples=samples,
+        params={"prompt": "a fox"},
+        meta={"prompt": "a fox"},
+        output_names=[f"x-{i}.png" for i in range(samples)],
+        unit_price=price,
+        **extra,
+    )

@@ -4,7 +4,6 @@ and on PostgreSQL, also when the retries race each other."""
 from __future__ import annotations
 
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
@@ -12,22 +11,12 @@ import pytest
 
 from service.pricing import Plan
 from service.store.errors import DuplicateRequest, IdempotencyKeyReused
+from tests.store.conftest import submit_job
 
-PRICE = Decimal("0.0047")
 
-
-def submit(jobs, key, idempotency_key, fingerprint="f1", samples=2):
-    return jobs.create(
-        request_id=str(uuid.uuid4()),
-        key=key,
-        model_id="stable-diffu",
-        samples=samples,
-        params={"prompt": "a fox"},
-        meta={"prompt": "a fox"},
-        output_names=[f"x-{i}.png" for i in range(samples)],
-        unit_price=PRICE,
-        idempotency_key=idempotency_key,
-        fingerprint=fingerprint,
+def submit(jobs, key, idempotency_key, fingerprint="f1"):
+    return submit_job(
+        jobs, key, samples=2, idempotency_key=idempotency_key, fingerprint=fingerprint
     )
 
 

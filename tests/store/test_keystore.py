@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -15,6 +14,7 @@ from service.pricing import Plan
 from service.store.errors import InvalidApiKey, KeyNameTaken, KeyNotFound
 from service.store.keys import hash_key
 from service.store.ledger import EntryKind
+from tests.store.conftest import submit_job
 
 
 def test_create_returns_a_secret_stored_only_as_its_hash(db):
@@ -120,14 +120,14 @@ def test_a_key_stops_working_when_it_expires(db):
     soon = db.clock.now + timedelta(days=1)
     plaintext, key = keys.create("temp", Plan.PAY_PER_USE, Decimal("1"), expires_at=soon)
     assert key.expires_at == soon and keys.authenticate(plaintext) == key
-    accepted = submit(jobs, key)
+    accepted = submit_job(jobs, key)
 
     db.clock.advance(days=1)  # the expiry instant itself is already past
     assert keys.authenticate(plaintext) is None
     assert keys.find("temp").expired(db.clock.now)
     # a request authenticated a moment before is still refused when its job is created
     with pytest.raises(InvalidApiKey, match="expired at 2026-03-16 12:00 UTC"):
-        submit(jobs, key)
+        submit_job(jobs, key)
     # what it had running finishes and settles as usual
     assert jobs.finish(accepted.id, generation_time=0.1)
     assert keys.find("temp").balance == Decimal("0.9953")
@@ -142,16 +142,3 @@ def test_a_key_stops_working_when_it_expires(db):
         keys.create("naive", Plan.FREE, expires_at=datetime(2030, 1, 1))
     with pytest.raises(KeyNotFound):
         keys.set_expiry("nobody", None)
-
-
-def submit(jobs, key):
-    return jobs.create(
-        request_id=str(uuid.uuid4()),
-        key=key,
-        model_id="stable-diffu",
-        samples=1,
-        params={},
-        meta={},
-        output_names=["x-0.png"],
-        unit_price=Decimal("0.0047"),
-    )
