@@ -329,11 +329,11 @@ def _print_loras(settings: Settings, loras: list[dict]) -> None:
 def _embedding_entry(name: str, path: Path) -> dict:
     """An embedding file's vectors, or why it cannot be read (its width is checked against a
     model when a request uses it)."""
-    from service.engine.pipeline import EmbeddingError, _read_embedding
+    from service.engine.pipeline import EmbeddingError, read_embedding
 
     entry = {"id": name, "path": str(path), "vectors": None, "width": None, "status": OK}
     try:
-        vectors = _read_embedding(path, name)
+        vectors = read_embedding(path, name)
     except EmbeddingError as exc:
         entry["status"] = str(exc)
     else:

@@ -120,21 +120,19 @@ class ImageService:
             cached = self._known_keys.get(digest)
             if cached is not None and cached[1] > now:
                 return cached[0]
-        record = await asyncio.to_thread(self.keys.authenticate, plaintext)
+        try:
+            record = await asyncio.to_thread(self.keys.authenticate, plaintext)
+        except InvalidApiKey as exc:  # expired
+            record, refusal = None, exc.message
+        else:
+            refusal = "Invalid API key"
         if record is None:
             self._known_keys.pop(digest, None)
-            raise ApiError(ErrorKind.AUTH, await asyncio.to_thread(self._refusal, digest))
+            raise ApiError(ErrorKind.AUTH, refusal)
         if len(self._known_keys) >= KEY_CACHE_SIZE:
             self._known_keys.clear()
         self._known_keys[digest] = (record, now + KEY_CACHE_TTL_S)
         return record
-
-    def _refusal(self, key_hash: str) -> str:
-        """Why a key was refused: an expired key says when (only its holder can ask)."""
-        key = self.keys.by_hash(key_hash)
-        if key is not None and not key.revoked and key.expires_at is not None:
-            return f"Invalid API key: it expired at {key.expires_at:%Y-%m-%d %H:%M} UTC"
-        return "Invalid API key"
 
     async def authenticate_admin(self, body: KeyedRequest, headers: dict[str, str]) -> KeyRecord:
         key = await self.authenticate(body, headers)

@@ -266,6 +266,7 @@ class WebhookSender:
         except WebhookRefused as exc:
             log.warning("webhook %s blocked: %s", label, exc)
             return BLOCKED
+        body = json.dumps(payload, separators=(",", ":")).encode()
         delay = self.backoff_s
         async with httpx.AsyncClient(
             timeout=self.timeout_s, follow_redirects=False, trust_env=False
@@ -273,7 +274,7 @@ class WebhookSender:
             for attempt in range(1, self.attempts + 1):
                 try:
                     outcome = await asyncio.wait_for(
-                        self._attempt(client, target, payload), self.timeout_s
+                        self._attempt(client, target, body), self.timeout_s
                     )
                 except TimeoutError:
                     outcome = "timed out"
@@ -289,7 +290,7 @@ class WebhookSender:
                     delay *= 2
         return FAILED
 
-    async def _attempt(self, client: httpx.AsyncClient, target: WebhookTarget, payload) -> str:
+    async def _attempt(self, client: httpx.AsyncClient, target: WebhookTarget, body: bytes) -> str:
         addresses = await self._resolve(target.host, target.port)
         if not addresses:
             return "unreachable (no address)"
@@ -297,7 +298,6 @@ class WebhookSender:
         if reason is not None:
             log.warning("webhook blocked: %s", reason)
             return BLOCKED
-        body = json.dumps(payload, separators=(",", ":")).encode()
         headers = {"Host": target.url.netloc.decode("ascii"), "Content-Type": "application/json"}
         if self.secret:
             headers[SIGNATURE_HEADER] = sign(self.secret, body, int(time.time()))

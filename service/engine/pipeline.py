@@ -110,9 +110,9 @@ class Engine:
         Generators live on `generator_device` (CPU by default), so a seed gives the same initial
         noise on any hardware. `vae_batch_size` bounds how many images one VAE decode takes.
         `loras` maps LoRA ids to safetensors files, `embeddings` textual-inversion ids to their
-        files; `max_loaded_models` bounds the pipelines
-        held at once (least recently used ones are unloaded first). `optimizations` switches the
-        optimized path (service/engine/optimize.py); off when None.
+        files; `max_loaded_models` bounds the pipelines held at once (least recently used ones
+        are unloaded first). `optimizations` switches the optimized path
+        (service/engine/optimize.py); off when None.
         """
         self.model_paths = {model_id: Path(path) for model_id, path in models.items()}
         self.lora_paths = {lora_id: Path(path) for lora_id, path in (loras or {}).items()}
@@ -352,7 +352,7 @@ class Engine:
                     f"embeddings_model {name!r} is not available; "
                     f"available: {', '.join(sorted(self.embedding_paths)) or 'none'}"
                 )
-            vectors = self._embedding_cache[name] = _read_embedding(path, name)
+            vectors = self._embedding_cache[name] = read_embedding(path, name)
         if vectors.shape[-1] != width:
             raise EmbeddingError(
                 f"embeddings_model {name!r} does not fit this model: its vectors have "
@@ -550,7 +550,7 @@ class Engine:
             ) from None
 
 
-def _read_embedding(path: Path, name: str) -> torch.Tensor:
+def read_embedding(path: Path, name: str) -> torch.Tensor:
     """The (vectors, width) tensor of a textual-inversion file: diffusers' one-entry layout
     (`{token: tensor}`, also SD2 trainers' `{"emb_params": tensor}`) or A1111's
     (`string_to_param`), as .safetensors, or as .pt/.bin read without unpickling code."""

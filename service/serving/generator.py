@@ -171,8 +171,9 @@ class Generator:
         self.metrics.set_queue_depth(self._waiting)
         try:
             await self._get_model(params.model_id)
-            if params.embeddings and hasattr(self.engine, "check_request"):
-                # a bad embedding must fail its own request, not the batch it would join
+            if self._steps is None and params.embeddings and hasattr(self.engine, "check_request"):
+                # A bad embedding must fail its own request, not the batch it would join (the
+                # step batcher checks each request on submit).
                 await asyncio.to_thread(self.engine.check_request, params)
         except Exception:
             self._waiting -= 1

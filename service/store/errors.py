@@ -12,10 +12,15 @@ class StoreError(Exception):
 
 
 class InvalidApiKey(StoreError):
-    """The key is unknown or revoked (checked again inside the job's transaction)."""
+    """The key is unknown, revoked or expired (checked again inside the job's transaction)."""
 
     def __init__(self, message: str = "Invalid API key"):
         super().__init__(message)
+
+    @classmethod
+    def expired(cls, at) -> InvalidApiKey:
+        """An expired key says when: only its holder can ask."""
+        return cls(f"Invalid API key: it expired at {at:%Y-%m-%d %H:%M} UTC")
 
 
 class InsufficientCredit(StoreError):

@@ -190,9 +190,7 @@ class JobStore:
                 raise InvalidApiKey()
             expires_at = as_utc(row.expires_at)
             if expires_at is not None and now >= expires_at:
-                raise InvalidApiKey(
-                    f"Invalid API key: it expired at {expires_at:%Y-%m-%d %H:%M} UTC"
-                )
+                raise InvalidApiKey.expired(expires_at)
             if idempotency_key is not None:
                 earlier = conn.execute(
                     _JOB_BY_IDEMPOTENCY_KEY,

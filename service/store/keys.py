@@ -17,7 +17,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from service.pricing import Plan, micros_to_usd, usd_to_micros
 from service.store.db import Base, Sessions
-from service.store.errors import KeyNameTaken, KeyNotFound
+from service.store.errors import InvalidApiKey, KeyNameTaken, KeyNotFound
 
 KEY_PREFIX = "sk-"
 MAX_NAME_LENGTH = 128
@@ -168,7 +168,8 @@ class KeyStore:
         raise AssertionError("unreachable")
 
     def authenticate(self, plaintext: str | None) -> KeyRecord | None:
-        """The live key for this plaintext; None when missing, unknown, revoked or expired."""
+        """The live key for this plaintext; None when missing, unknown or revoked. Raises
+        InvalidApiKey saying when for an expired key."""
         if not plaintext:
             return None
         key_hash = hash_key(plaintext)
@@ -177,8 +178,10 @@ class KeyStore:
             if row is None or not hmac.compare_digest(row.key_hash, key_hash):
                 return None
             record = KeyRecord.of(row)
-            if record.revoked or record.expired(self._clock()):
+            if record.revoked:
                 return None
+            if record.expired(self._clock()):
+                raise InvalidApiKey.expired(record.expires_at)
             return record
 
     def set_expiry(self, name_or_id: str | int, expires_at: datetime | None) -> KeyRecord:

@@ -123,7 +123,8 @@ def test_a_key_stops_working_when_it_expires(db):
     accepted = submit_job(jobs, key)
 
     db.clock.advance(days=1)  # the expiry instant itself is already past
-    assert keys.authenticate(plaintext) is None
+    with pytest.raises(InvalidApiKey, match="it expired at 2026-03-16 12:00 UTC"):
+        keys.authenticate(plaintext)  # refused, and says when
     assert keys.find("temp").expired(db.clock.now)
     # a request authenticated a moment before is still refused when its job is created
     with pytest.raises(InvalidApiKey, match="expired at 2026-03-16 12:00 UTC"):
