@@ -55,6 +55,11 @@ class Settings(BaseSettings):
         description="Folder of textual-inversion embeddings: each NAME.safetensors (or .pt, "
         ".bin) is embeddings_model NAME, and NAME in a prompt is its trigger word.",
     )
+    vae_dir: str | None = Field(
+        None,
+        description="Folder of custom VAEs: each NAME/ (a diffusers AutoencoderKL folder) or "
+        "NAME.safetensors (a standalone VAE file) is vae NAME.",
+    )
     max_loaded_models: int = Field(
         3, ge=1, description="Pipelines a generator replica holds at once (LRU beyond that)."
     )
@@ -280,6 +285,20 @@ class Settings(BaseSettings):
             for path in files
             if path.suffix in EMBEDDING_SUFFIXES and EMBEDDING_ID.fullmatch(path.stem)
         }
+
+    def vae_paths(self) -> dict[str, Path]:
+        """vae id -> folder or file, for every usable entry of the VAE folder."""
+        if not self.vae_dir or not Path(self.vae_dir).is_dir():
+            return {}
+        entries = {}
+        for path in sorted(Path(self.vae_dir).iterdir()):
+            if path.name.startswith(".") or not EMBEDDING_ID.fullmatch(path.stem):
+                continue
+            if path.is_dir() and (path / "config.json").is_file():
+                entries[path.name] = path
+            elif path.is_file() and path.suffix == ".safetensors":
+                entries[path.stem] = path
+        return entries
 
     def models_to_preload(self) -> list[str]:
         return (

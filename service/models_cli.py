@@ -67,7 +67,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def models_list_command(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    """Print every configured model with its defaults, price and status, then the LoRAs."""
+    """Print every configured model with its defaults, price and status, then the LoRAs,
+    embeddings and VAEs."""
     settings = settings or load_settings()
     try:
         prices = PriceList.from_settings(settings)
@@ -82,6 +83,7 @@ def models_list_command(args: argparse.Namespace, settings: Settings | None = No
         for lora_id, path in settings.lora_paths().items()
     ]
     embeddings = [_embedding_entry(name, path) for name, path in settings.embedding_paths().items()]
+    vaes = [_vae_entry(vae_id, path) for vae_id, path in settings.vae_paths().items()]
     if args.json:
         document = {
             "default_model_id": settings.default_model_id,
@@ -90,6 +92,8 @@ def models_list_command(args: argparse.Namespace, settings: Settings | None = No
             "loras": loras,
             "embeddings_dir": settings.embeddings_dir,
             "embeddings": embeddings,
+            "vae_dir": settings.vae_dir,
+            "vaes": vaes,
         }
         print(json.dumps(document, indent=2))
     else:
@@ -99,6 +103,9 @@ def models_list_command(args: argparse.Namespace, settings: Settings | None = No
         if settings.embeddings_dir:
             print()
             _print_embeddings(settings, embeddings)
+        if settings.vae_dir:
+            print()
+            _print_vaes(settings, vaes)
     return 0 if all(model["status"] == OK for model in models) else 1
 
 
@@ -352,6 +359,29 @@ def _print_embeddings(settings: Settings, embeddings: list[dict]) -> None:
             [item["id"], item["vectors"] or "-", item["width"] or "-", item["status"], item["path"]]
             for item in embeddings
         ],
+    )
+
+
+def _vae_entry(vae_id: str, path: Path) -> dict:
+    """A VAE folder or file and whether its weights are readable (whether they fit a model is
+    checked when a request names it)."""
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        problem = _safetensors_problem(files[0]) if files else "no .safetensors weights in it"
+        kind = "folder"
+    else:
+        problem, kind = _safetensors_problem(path), "file"
+    return {"id": vae_id, "kind": kind, "path": str(path), "status": problem or OK}
+
+
+def _print_vaes(settings: Settings, vaes: list[dict]) -> None:
+    if not vaes:
+        print(f"VAEs: none in {settings.vae_dir}")
+        return
+    print(f"VAEs in {settings.vae_dir}:")
+    _print_table(
+        ["VAE_ID", "KIND", "STATUS", "PATH"],
+        [[vae["id"], vae["kind"], vae["status"], vae["path"]] for vae in vaes],
     )
 
 

@@ -21,7 +21,7 @@ class ModelInfo:
 
 
 class ModelRegistry:
-    """Served models, LoRAs and embeddings, from settings; read by the API, the CLI and the
+    """Served models, LoRAs, embeddings and VAEs, from settings; read by the API, the CLI and the
     playground."""
 
     def __init__(self, settings: Settings):
@@ -31,12 +31,16 @@ class ModelRegistry:
         }
         self._loras = settings.lora_paths()
         self._embeddings = settings.embedding_paths()
+        self._vaes = settings.vae_paths()
 
     def lora_ids(self) -> list[str]:
         return sorted(self._loras)
 
     def embedding_ids(self) -> list[str]:
         return sorted(self._embeddings)
+
+    def vae_ids(self) -> list[str]:
+        return sorted(self._vaes)
 
     def infos(self) -> dict[str, ModelInfo]:
         return dict(self._models)

@@ -79,6 +79,7 @@ async def system_details(request: Request, body: Keyed = None):
         "models": service.registry.ids(),
         "loras": service.registry.lora_ids(),
         "embeddings": service.registry.embedding_ids(),
+        "vaes": service.registry.vae_ids(),
         "jobs_processing": load["queue_num"],
         "generator": details,
     }

@@ -42,6 +42,7 @@ FORM_FIELDS = (
     "lora_model",
     "lora_strength",
     "embeddings_model",
+    "vae",
     "safety_checker",
 )
 
@@ -74,6 +75,7 @@ async def playground_config(request: Request) -> dict:
         "models": served_models(service),
         "loras": service.registry.lora_ids(),
         "embeddings": service.registry.embedding_ids(),
+        "vaes": service.registry.vae_ids(),
         "safety_checker": {
             "configured": bool(service.settings.safety_checker),
             "mode": service.settings.safety_checker_mode,

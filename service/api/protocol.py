@@ -24,6 +24,8 @@ from service.registry import ModelInfo
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
+# `vae` values that mean the model's own VAE (unless a custom VAE has that id)
+MODEL_VAE_NAMES = ("default", "none", "null", "auto")
 RANDOM_SEED_VALUES = (None, "", -1, "-1", 0, "0")
 _TRUE = {"yes", "true", "1", "on", "y"}
 _FALSE = {"no", "false", "0", "off", "n", ""}
@@ -38,7 +40,6 @@ NOT_APPLIED_FIELDS = (
     "upscale",
     "highres_fix",
     "tomesd",
-    "vae",
     "ip_adapter_id",
     "ip_adapter_scale",
     "ip_adapter_image",
@@ -297,6 +298,13 @@ class Text2ImgRequest(KeyedRequest):
         "as a word in `prompt` or `negative_prompt`, stands for its learned vectors.",
         json_schema_extra={"examples": [None]},
     )
+    vae: Name = Field(
+        None,
+        description="A custom VAE id, from the server's VAE folder (SDSERVE_VAE_DIR; "
+        "`model_list` lists them), that turns the latents into the image instead of the "
+        "model's own VAE. Omitted, null or \"default\": the model's VAE.",
+        json_schema_extra={"examples": [None]},
+    )
     safety_checker: Toggle = Field(
         None,
         description='"yes": the images are checked by the server\'s safety checker '
@@ -375,12 +383,22 @@ class Text2ImgRequest(KeyedRequest):
             )
         return tuple(dict.fromkeys(ids))
 
+    def _vae(self, available: Collection[str], problems: list[str]) -> str | None:
+        vae_id = (self.vae or "").strip()
+        if not vae_id or (vae_id.lower() in MODEL_VAE_NAMES and vae_id not in available):
+            return None
+        if vae_id not in available:
+            names = ", ".join(sorted(available)) or "none"
+            problems.append(f"vae '{vae_id}' is not available; available VAEs: {names}")
+        return vae_id
+
     def to_params(
         self,
         settings: Settings,
         models: Mapping[str, ModelInfo],
         loras: Collection[str] = (),
         embeddings: Collection[str] = (),
+        vaes: Collection[str] = (),
     ) -> tuple[GenerationParams, dict]:
         """Check every rule and resolve defaults; returns the engine params and the options
         that stay with the ingress (base64, temp, webhook, track_id, not-applied fields)."""
@@ -446,6 +464,7 @@ class Text2ImgRequest(KeyedRequest):
 
         lora_pairs = self._loras(loras, problems)
         embedding_ids = self._embeddings(embeddings, problems)
+        vae_id = self._vae(vaes, problems)
 
         treatment = (self.safety_checker_type or "").strip().lower() or SAFETY_TREATMENTS[0]
         if treatment not in SAFETY_TREATMENTS:
@@ -477,6 +496,7 @@ class Text2ImgRequest(KeyedRequest):
             clip_skip=clip_skip,
             loras=lora_pairs,
             embeddings=embedding_ids,
+            vae=vae_id,
             safety_checker=check,
             safety_checker_type=treatment,
         )

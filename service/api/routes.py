@@ -203,6 +203,7 @@ async def model_list(request: Request, body: Annotated[KeyedRequest | None, Body
             "prediction_type": info.prediction_type,
             "loras": service.registry.lora_ids(),
             "embeddings": service.registry.embedding_ids(),
+            "vaes": service.registry.vae_ids(),
         }
         for info in map(service.registry.get, service.registry.ids())
     ]

@@ -162,6 +162,7 @@ class ImageService:
                 self.registry.infos(),
                 self.registry.lora_ids(),
                 self.registry.embedding_ids(),
+                self.registry.vae_ids(),
             )
         except RequestError as exc:
             raise ApiError(ErrorKind.VALIDATION, str(exc)) from None
@@ -279,6 +280,7 @@ class ImageService:
             "lora_strength": ",".join(f"{w:g}" for _, w in params.loras) or None,
             "clip_skip": params.clip_skip,
             "embeddings_model": ",".join(params.embeddings) or None,
+            "vae": params.vae,
             "safety_checker": "yes" if params.safety_checker else "no",
             "safety_checker_type": params.safety_checker_type if params.safety_checker else None,
             "base64": "yes" if options["base64"] else "no",

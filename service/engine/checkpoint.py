@@ -178,7 +178,7 @@ def check_checkpoint_fits(
         except Exception as exc:  # the converters index keys they assume exist
             problems.append(f"{name}: layout not understood ({type(exc).__name__}: {exc})")
             continue
-        problems += _compare(name, converted, expected)
+        problems += compare_state_dicts(name, converted, expected)
     problems += _check_text_encoder(meta, base_model)
     if problems:
         raise CheckpointError(
@@ -204,12 +204,14 @@ def _check_text_encoder(meta: dict[str, torch.Tensor], base_model: Path) -> list
         return [f"text_encoder: no '{OPEN_CLIP_PREFIX}*' or '{CLIP_PREFIX}*' weights in the file"]
     if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
         converted = {key.removeprefix("text_model."): v for key, v in converted.items()}
-    return _compare("text_encoder", converted, model.state_dict())
+    return compare_state_dicts("text_encoder", converted, model.state_dict())
 
 
-def _compare(
+def compare_state_dicts(
     name: str, converted: Mapping[str, torch.Tensor | None], expected: Mapping[str, torch.Tensor]
 ) -> list[str]:
+    """What keeps `converted` weights (from a file) from loading into a model whose state dict
+    is `expected`: other shapes, missing and extra keys, a few named each; empty if it fits."""
     present = {
         key: t
         for key, t in converted.items()

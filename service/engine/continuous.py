@@ -319,7 +319,7 @@ class ContinuousBatcher:
             for ticket in finished:
                 bucket.running.remove(ticket)
         try:
-            images = self.engine.decode(pipe, torch.cat([t.state.latents for t in finished]))
+            images = self.engine.decode_states(pipe, [ticket.state for ticket in finished])
         except Exception as exc:
             log.exception("VAE decode failed for %d requests", len(finished))
             report.error = exc

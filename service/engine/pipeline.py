@@ -35,6 +35,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from service.engine.optimize import OptimizationConfig, apply_optimizations, runner_for
 from service.engine.protocol import GenerationOutput, GenerationParams
 from service.engine.schedulers import build_scheduler, validate_scheduler_options
+from service.engine.vaes import VaeLibrary, decode_with
 
 CLIP_MAX_TOKENS = 77  # CLIP's context, BOS and EOS included
 
@@ -102,6 +103,7 @@ class Engine:
         vae_batch_size: int = 1,
         loras: Mapping[str, str | Path] | None = None,
         embeddings: Mapping[str, str | Path] | None = None,
+        vaes: Mapping[str, str | Path] | None = None,
         max_loaded_models: int | None = None,
         optimizations: OptimizationConfig | None = None,
     ) -> None:
@@ -110,7 +112,8 @@ class Engine:
         Generators live on `generator_device` (CPU by default), so a seed gives the same initial
         noise on any hardware. `vae_batch_size` bounds how many images one VAE decode takes.
         `loras` maps LoRA ids to safetensors files, `embeddings` textual-inversion ids to their
-        files; `max_loaded_models` bounds the pipelines held at once (least recently used ones
+        files, `vaes` custom VAE ids to folders or files (service/engine/vaes.py);
+        `max_loaded_models` bounds the pipelines held at once (least recently used ones
         are unloaded first). `optimizations` switches the optimized path
         (service/engine/optimize.py); off when None.
         """
@@ -123,6 +126,7 @@ class Engine:
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.generator_device = torch.device(generator_device)
         self.vae_batch_size = vae_batch_size
+        self.vaes = VaeLibrary(vaes or {}, self.device, self.dtype)
         # engine optimizations: latents stay fp32 on the optimized path, only the nets run bf16
         self.optimizations = (optimizations or OptimizationConfig()).resolved(self.device)
         self.latent_dtype = self.optimizations.latent_dtype(self.dtype)
@@ -262,7 +266,7 @@ class Engine:
             states = self.start_requests(pipe, batch)
             while not all(state.done for state in states):
                 self.denoise_step(pipe, [state for state in states if not state.done])
-            images = self.decode(pipe, torch.cat([state.latents for state in states]))
+            images = self.decode_states(pipe, states)
         seconds = time.perf_counter() - start
 
         outputs, offset = [], 0
@@ -368,6 +372,13 @@ class Engine:
         config = self._path(model_id) / "text_encoder" / "config.json"
         return int(json.loads(config.read_text())["hidden_size"])
 
+    def _vae_config(self, model_id: str) -> Mapping:
+        """The model's own VAE config, from the loaded model or its folder."""
+        pipe = self._pipes.get(model_id)
+        if pipe is not None:
+            return pipe.vae.config
+        return json.loads((self._path(model_id) / "vae" / "config.json").read_text())
+
     def _with_embeddings(
         self, pipe: StableDiffusionPipeline, text: str, tokens: dict[str, str]
     ) -> str:
@@ -467,11 +478,46 @@ class Engine:
             )[0]
             state.step += 1
 
-    def decode(self, pipe: StableDiffusionPipeline, latents: torch.Tensor) -> list[np.ndarray]:
-        """VAE-decode latents into HxWx3 uint8 arrays, `vae_batch_size` images at a time."""
+    def decode_states(
+        self, pipe: StableDiffusionPipeline, states: list[RequestState]
+    ) -> list[np.ndarray]:
+        """Every image of the finished `states`, in order, each request decoded by its own
+        `vae` (the model's when it names none); requests that share a VAE decode together."""
+        groups: dict[str | None, list[int]] = {}
+        for i, state in enumerate(states):
+            groups.setdefault(state.params.vae, []).append(i)
+        per_state: list[list[np.ndarray]] = [[] for _ in states]
+        for vae_id, members in groups.items():
+            vae = None
+            if vae_id is not None:
+                model_id = states[members[0]].params.model_id
+                vae = self.vaes.get(vae_id, model_id, pipe.vae.config)
+            images = self.decode(pipe, torch.cat([states[i].latents for i in members]), vae)
+            offset = 0
+            for i in members:
+                per_state[i] = images[offset : offset + states[i].samples]
+                offset += states[i].samples
+        return [image for images in per_state for image in images]
+
+    def decode(
+        self,
+        pipe: StableDiffusionPipeline,
+        latents: torch.Tensor,
+        vae: torch.nn.Module | None = None,
+    ) -> list[np.ndarray]:
+        """VAE-decode latents into HxWx3 uint8 arrays, `vae_batch_size` images at a time, with
+        the model's VAE (the optimized one, when configured) or a custom `vae`."""
+        if vae is None:
+            decode = runner_for(pipe).decode
+        else:
+            scaling = pipe.vae.config.scaling_factor
+
+            def decode(chunk: torch.Tensor) -> torch.Tensor:
+                return decode_with(vae, chunk, scaling)
+
         images = []
         for chunk in latents.split(self.vae_batch_size):
-            decoded = runner_for(pipe).decode(chunk)
+            decoded = decode(chunk)
             pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
             images.extend((pixels * 255).round().astype(np.uint8))
         return images
@@ -515,14 +561,16 @@ class Engine:
 
     def check_request(self, params: GenerationParams) -> None:
         """ValueError naming the field if `params` cannot be generated (what `generate` checks
-        of each request, and its embeddings against the model), without loading the model.
-        The generator checks each request before it joins a batch, so that one bad request
-        fails alone: embeddings are not part of the batch key."""
+        of each request, its embeddings and custom VAE against the model), without loading the
+        model (a custom VAE is loaded here). The generator checks each request before it joins
+        a batch, so that one bad request fails alone: neither is part of the batch key."""
         self._check_batch([params])
         if params.embeddings:
             width = self._text_width(params.model_id)
             for name in params.embeddings:
                 self._embedding_vectors(name, width)
+        if params.vae is not None:
+            self.vaes.get(params.vae, params.model_id, self._vae_config(params.model_id))
 
     def _check_batch(self, batch: list[GenerationParams]) -> None:
         if not batch:

@@ -46,6 +46,9 @@ class GenerationParams:
     # `safety_checker_type` says (service/engine/safety.py). Not part of the batch key.
     safety_checker: bool = False
     safety_checker_type: str = "sensitive_content_text"
+    # A custom VAE id (service/engine/vaes.py) that decodes this request's latents instead of
+    # the model's own VAE. Only the decode changes, so it is not in the batch key.
+    vae: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationParams:
@@ -83,9 +86,9 @@ class GenerationOutput:
 class TextToImageEngine(Protocol):
     """What the generator deployment needs of an engine (`AppConfig.engine` names the class).
 
-    Constructed as `cls(models, device=..., dtype=..., loras=..., embeddings=...,
-    max_loaded_models=..., optimizations=...)`, `models`, `loras` and `embeddings` mapping ids
-    to folders and files.
+    Constructed as `cls(models, device=..., dtype=..., loras=..., embeddings=..., vaes=...,
+    max_loaded_models=..., optimizations=...)`, `models`, `loras`, `embeddings` and `vaes`
+    mapping ids to folders and files.
     """
 
     def load(self, model_id: str) -> object: ...

@@ -240,6 +240,36 @@ def build_tiny_embedding(
     return out_file
 
 
+def build_tiny_vae(
+    model_dir: str | Path, out: str | Path, seed: int = 0, layout: str = "folder"
+) -> Path:
+    """A custom VAE for the tiny model: its VAE architecture with weights drawn from `seed`
+    (the model's own are `seed + 1` of `build_tiny_model`'s seed). `layout`: "folder" (a
+    diffusers folder), "ldm" (one .safetensors file in the original key layout, as community
+    VAEs ship) or "diffusers-file" (one file, diffusers' keys)."""
+    from service.engine.checkpoint import vae_to_ldm
+
+    config = AutoencoderKL.load_config(Path(model_dir) / "vae", local_files_only=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL.from_config(config)
+    out = Path(out)
+    if layout == "folder":
+        vae.save_pretrained(out, safe_serialization=True)
+        for weights in out.glob("*.safetensors"):
+            weights.chmod(0o644)
+        return out
+    state = {key: value.contiguous() for key, value in vae.state_dict().items()}
+    if layout == "ldm":
+        state = vae_to_ldm(state, config)
+    elif layout != "diffusers-file":
+        raise ValueError(f"layout: 'folder', 'ldm' or 'diffusers-file', got {layout!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, out)
+    out.chmod(0o644)
+    return out
+
+
 def build_tiny_safety_checker(path: str | Path, flags: str = "none", seed: int = 0) -> Path:
     """A tiny random-weight `StableDiffusionSafetyChecker` folder, laid out like
     CompVis/stable-diffusion-safety-checker (config, weights, CLIP image processor config).

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # how long the idle loop sleeps between checks of its stop flag
 
-STEP_ENGINE_METHODS = ("start_requests", "denoise_step", "decode", "activate_loras")
+STEP_ENGINE_METHODS = ("start_requests", "denoise_step", "decode_states", "activate_loras")
 
 
 def supports_step_batching(engine: object) -> bool:

@@ -92,6 +92,7 @@ class Generator:
             dtype=resolve_dtype(settings.dtype, device, optimizations.enabled),
             loras=settings.lora_paths(),
             embeddings=settings.embedding_paths(),
+            vaes=settings.vae_paths(),
             max_loaded_models=settings.max_loaded_models,
             optimizations=optimizations,
         )
@@ -171,9 +172,10 @@ class Generator:
         self.metrics.set_queue_depth(self._waiting)
         try:
             await self._get_model(params.model_id)
-            if self._steps is None and params.embeddings and hasattr(self.engine, "check_request"):
-                # A bad embedding must fail its own request, not the batch it would join (the
-                # step batcher checks each request on submit).
+            checked = params.embeddings or params.vae is not None
+            if self._steps is None and checked and hasattr(self.engine, "check_request"):
+                # A bad embedding or VAE must fail its own request, not the batch it would join
+                # (the step batcher checks each request on submit).
                 await asyncio.to_thread(self.engine.check_request, params)
         except Exception:
             self._waiting -= 1

@@ -196,3 +196,23 @@ def test_embeddings_model_names_embeddings_of_the_folder():
         str(info.value) == "embeddings_model 'dark' is not available; available embeddings: moody"
     )
     assert params(embeddings_model=None)[0].embeddings == ()
+
+
+def test_vae_names_a_vae_of_the_folder_or_the_models_own():
+    vaes = ["ft-mse", "anime"]
+
+    def vae_of(value):
+        body = Text2ImgRequest.model_validate({"key": "k", "prompt": "x", "vae": value})
+        return body.to_params(Settings(), SIZES, LORAS, (), vaes)[0].vae
+
+    assert vae_of(" ft-mse ") == "ft-mse"
+    for own in (None, "", "null", "default", "None", "auto"):
+        assert vae_of(own) is None, own
+    body = Text2ImgRequest.model_validate({"key": "k", "prompt": "x", "vae": "kl-f8"})
+    with pytest.raises(RequestError) as info:
+        body.to_params(Settings(), SIZES, LORAS, (), vaes)
+    assert str(info.value) == "vae 'kl-f8' is not available; available VAEs: anime, ft-mse"
+    _, options = Text2ImgRequest.model_validate(
+        {"key": "k", "prompt": "x", "vae": "anime"}
+    ).to_params(Settings(), SIZES, LORAS, (), vaes)
+    assert "vae" not in options["not_applied"]

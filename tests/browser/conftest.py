@@ -73,14 +73,20 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    from service.engine.tiny_model import build_tiny_embedding, build_tiny_safety_checker
+    from service.engine.tiny_model import (
+        build_tiny_embedding,
+        build_tiny_safety_checker,
+        build_tiny_vae,
+    )
 
     tmp = tmp_path_factory.mktemp("browser")
     build_tiny_embedding(tiny_model_dir, tmp / "embeddings" / "moody.pt", vectors=2)
+    build_tiny_vae(tiny_model_dir, tmp / "vaes" / "crisp.safetensors", seed=5, layout="ldm")
     settings = {
         "sync_window_s": 60,
         "free_images_per_month": 5,
         "embeddings_dir": str(tmp / "embeddings"),
+        "vae_dir": str(tmp / "vaes"),
         # flags every image it is asked to check
         "safety_checker": str(build_tiny_safety_checker(tmp / "checker", flags="all")),
     }

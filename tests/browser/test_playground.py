@@ -120,12 +120,13 @@ def test_generate_shows_the_images_seed_time_and_cost(page, server, artifacts):
     page.screenshot(path=artifacts / "playground-desktop.png", full_page=True)
 
 
-def test_an_embedding_and_the_safety_check(page, server, artifacts):
+def test_an_embedding_a_vae_and_the_safety_check(page, server, artifacts):
     open_playground(page, server, server.demo_key)
     assert page.eval_on_selector_all("#embeddings_model option", "o => o.map(x => x.value)") == [
         "",
         "moody",
     ]
+    assert page.eval_on_selector_all("#vae option", "o => o.map(x => x.value)") == ["", "crisp"]
     assert page.is_visible("#safety_checker") and not page.is_checked("#safety_checker")
 
     fill_form(
@@ -138,9 +139,11 @@ def test_an_embedding_and_the_safety_check(page, server, artifacts):
         num_inference_steps=2,
     )
     page.select_option("#embeddings_model", "moody")
+    page.select_option("#vae", "crisp")
     page.check("#safety_checker")
     code = page.inner_text("#code-snippet")
     assert '"embeddings_model": "moody"' in code and '"safety_checker": "yes"' in code
+    assert '"vae": "crisp"' in code
     page.click("#generate")
 
     images = loaded_images(page, 2)

@@ -16,7 +16,12 @@ import requests
 from PIL import Image
 
 from service.config import DEMO_API_KEY
-from service.engine.tiny_model import build_tiny_embedding, build_tiny_lora, build_tiny_model
+from service.engine.tiny_model import (
+    build_tiny_embedding,
+    build_tiny_lora,
+    build_tiny_model,
+    build_tiny_vae,
+)
 from service.store.db import make_engine, make_sessionmaker
 from service.store.keys import KeyStore
 from tests.conftest import running_app
@@ -32,6 +37,7 @@ def fleet(tmp_path_factory, tiny_model_dir):
     other = build_tiny_model(tmp / "other", seed=1)
     build_tiny_lora(tiny_model_dir, tmp / "loras" / "style.safetensors", seed=3)
     build_tiny_embedding(tiny_model_dir, tmp / "embeddings" / "moody.pt", vectors=2, seed=4)
+    build_tiny_vae(tiny_model_dir, tmp / "vaes" / "crisp.safetensors", seed=5, layout="ldm")
     broken = build_tiny_model(tmp / "broken", seed=2)
     weights = next((broken / "unet").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -43,6 +49,7 @@ def fleet(tmp_path_factory, tiny_model_dir):
         },
         "lora_dir": str(tmp / "loras"),
         "embeddings_dir": str(tmp / "embeddings"),
+        "vae_dir": str(tmp / "vaes"),
         "max_loaded_models": 1,
         "sync_window_s": 60,
     }
@@ -189,3 +196,27 @@ def test_an_embedding_changes_only_the_requests_that_name_it(fleet):
     assert unknown["message"] == (
         "embeddings_model 'dark' is not available; available embeddings: moody"
     )
+
+
+def test_a_custom_vae_decodes_only_the_requests_that_name_it(fleet):
+    base_url, _ = fleet
+    models = call(base_url, "/api/v4/dreambooth/model_list")
+    assert all(entry["vaes"] == ["crisp"] for entry in models)
+
+    def pixels(body):
+        assert body["status"] == "success", body
+        return np.asarray(Image.open(io.BytesIO(requests.get(body["output"][0]).content)))
+
+    def tower(**fields):
+        path = "/api/v6/images/text2img"
+        return call(base_url, path, prompt="a tower", seed=7, **SMALL, **fields)
+
+    plain = tower(vae="default")
+    assert plain["meta"]["vae"] is None
+    crisp = tower(vae="crisp")
+    assert crisp["meta"]["vae"] == "crisp" and "vae" not in crisp["meta"]["not_applied"]
+    assert not np.array_equal(pixels(crisp), pixels(plain))
+
+    unknown = call(base_url, "/api/v6/images/text2img", prompt="x", vae="kl-f8", **SMALL)
+    assert unknown["status"] == "error"
+    assert unknown["message"] == "vae 'kl-f8' is not available; available VAEs: crisp"

@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from service.cli import main
-from service.engine.tiny_model import build_tiny_embedding
+from service.engine.tiny_model import build_tiny_embedding, build_tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,25 @@ def test_list_shows_the_embeddings(env, capsys, tiny_model_dir, tmp_path):
     _, out, _ = run(capsys, "models", "list")
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     assert rows["moody"][:4] == ["moody", "3", "32", "ok"]
+
+
+def test_list_shows_the_vaes(env, capsys, tiny_model_dir, tmp_path):
+    folder = tmp_path / "vaes"
+    build_tiny_vae(tiny_model_dir, folder / "crisp", seed=3)
+    build_tiny_vae(tiny_model_dir, folder / "ft.safetensors", seed=3, layout="ldm")
+    (folder / "cut.safetensors").write_bytes((folder / "ft.safetensors").read_bytes()[:500])
+    env(models={"stable-diffu": str(tiny_model_dir)}, vae_dir=str(folder))
+    document = list_json(capsys)
+    assert document["vae_dir"] == str(folder)
+    entries = {item["id"]: (item["kind"], item["status"]) for item in document["vaes"]}
+    assert entries == {
+        "crisp": ("folder", "ok"),
+        "ft": ("file", "ok"),
+        "cut": ("file", "not a safetensors file (corrupt or truncated)"),
+    }
+    _, out, _ = run(capsys, "models", "list")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert rows["crisp"][:3] == ["crisp", "folder", "ok"]
 
 
 def test_list_exits_0_when_every_model_is_servable(env, capsys, tiny_model_dir):

@@ -12,7 +12,7 @@ const TEXT2IMG_PATH = "/api/v6/images/text2img";
 const FIELD_NAMES = [
   "num_inference_steps", "embeddings_model", "negative_prompt", "guidance_scale",
   "lora_strength", "lora_model", "model_id", "scheduler", "samples", "prompt", "height",
-  "width", "seed",
+  "width", "seed", "vae",
 ];
 const NUMERIC_FIELDS = new Set(["width", "height", "samples", "num_inference_steps", "guidance_scale"]);
 
@@ -88,6 +88,8 @@ function requestBody() {
   }
   const embedding = fieldValue("embeddings_model");
   if (embedding) body.embeddings_model = embedding;
+  const vae = fieldValue("vae");
+  if (vae) body.vae = vae;
   if ($("safety_checker").checked && !$("safety_checker").disabled) body.safety_checker = "yes";
   const lora = fieldValue("lora_model");
   if (lora) {
@@ -149,6 +151,7 @@ function applyConfig(config) {
   );
   applyLoras(config.loras || []);
   applyEmbeddings(config.embeddings || []);
+  applyVaes(config.vaes || []);
   applySafetyChecker(config.safety_checker || { configured: false });
   applyModels(config.models, config.default_model_id);
 }
@@ -160,6 +163,15 @@ function applyEmbeddings(embeddings) {
     "",
   );
   $("embeddings_model-field").hidden = embeddings.length === 0;
+}
+
+function applyVaes(vaes) {
+  setOptions(
+    $("vae"),
+    [{ value: "", label: "the model's" }, ...vaes.map((id) => ({ value: id, label: id }))],
+    "",
+  );
+  $("vae-field").hidden = vaes.length === 0;
 }
 
 // Shown only where the server has a checker; "always" checks every image, so the box is set.
