@@ -222,6 +222,19 @@ class Settings(BaseSettings):
         "check every image, whatever the request says (needs safety_checker).",
     )
 
+    upscaler: str | None = Field(
+        None,
+        description="An RRDBNet upscaler file in the Real-ESRGAN release layout (e.g. "
+        "RealESRGAN_x2plus.pth or RealESRGAN_x4plus.pth) that serves upscale=yes|2|3|4. Unset: "
+        "images keep the requested size, and responses say upscale was not applied.",
+    )
+    upscaler_tile: int = Field(
+        512,
+        ge=64,
+        description="Input pixels per side of one upscaler tile (each with 32 pixels of "
+        "context); bounds the upscaler's memory whatever the image size.",
+    )
+
     @model_validator(mode="after")
     def _always_needs_a_checker(self) -> Settings:
         if self.safety_checker_mode == "always" and not self.safety_checker:

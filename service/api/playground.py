@@ -43,6 +43,7 @@ FORM_FIELDS = (
     "lora_strength",
     "embeddings_model",
     "vae",
+    "upscale",
     "safety_checker",
 )
 
@@ -76,6 +77,7 @@ async def playground_config(request: Request) -> dict:
         "loras": service.registry.lora_ids(),
         "embeddings": service.registry.embedding_ids(),
         "vaes": service.registry.vae_ids(),
+        "upscaler": {"configured": bool(service.settings.upscaler)},
         "safety_checker": {
             "configured": bool(service.settings.safety_checker),
             "mode": service.settings.safety_checker_mode,

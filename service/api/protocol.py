@@ -37,7 +37,6 @@ NOT_APPLIED_FIELDS = (
     "multi_lingual",
     "panorama",
     "self_attention",
-    "upscale",
     "highres_fix",
     "tomesd",
     "ip_adapter_id",
@@ -109,6 +108,26 @@ def _coerce_bool(value: Any) -> bool | None:
     raise ValueError('must be "yes" or "no"')
 
 
+def _coerce_upscale(value: Any) -> int | None:
+    """`upscale`: "yes" is 2x (the hosted API's meaning), a number is the factor."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else (2 if value else 1)
+    if isinstance(value, str):
+        text = value.strip().lower().removesuffix("x")
+        if text in _TRUE - {"1"}:
+            return 2
+        if text in _FALSE:
+            return 1
+        value = text
+    try:
+        factor = _coerce_int(value)
+    except ValueError:
+        factor = None
+    if factor in (0, 1, 2, 3, 4):
+        return max(factor, 1)
+    raise ValueError('must be "no", "yes" (2x) or a factor of 2, 3 or 4')
+
+
 def _coerce_text(value: Any) -> str | None:
     if value is None:
         return None
@@ -147,6 +166,7 @@ Float = Annotated[float | None, BeforeValidator(_coerce_float)]
 Toggle = Annotated[bool | None, BeforeValidator(_coerce_bool)]
 Text = Annotated[str | None, BeforeValidator(_coerce_text)]
 Name = Annotated[str | None, BeforeValidator(_coerce_name)]
+UpscaleFactor = Annotated[int | None, BeforeValidator(_coerce_upscale)]
 Seed = Annotated[int | None, BeforeValidator(_coerce_seed)]
 
 
@@ -304,6 +324,14 @@ class Text2ImgRequest(KeyedRequest):
         "`model_list` lists them), that turns the latents into the image instead of the "
         "model's own VAE. Omitted, null or \"default\": the model's VAE.",
         json_schema_extra={"examples": [None]},
+    )
+    upscale: UpscaleFactor = Field(
+        None,
+        description='"yes" (2x), or a factor of 2, 3 or 4: the images are upscaled by the '
+        "server's upscaler (SDSERVE_UPSCALER) after they are made, so a 512x512 request gives "
+        '1024x1024 images at 2x. "no" or omitted: the requested size. Without a configured '
+        "upscaler the request is served at its size and `meta.not_applied` says so.",
+        json_schema_extra={"examples": ["no"]},
     )
     safety_checker: Toggle = Field(
         None,
@@ -499,12 +527,15 @@ class Text2ImgRequest(KeyedRequest):
             vae=vae_id,
             safety_checker=check,
             safety_checker_type=treatment,
+            upscale=(self.upscale or 1) if settings.upscaler else 1,
         )
         not_applied = [
             name for name in NOT_APPLIED_FIELDS if _is_set((self.model_extra or {}).get(name))
         ]
         if self.safety_checker and not check:
             not_applied.append("safety_checker (no safety checker model is configured)")
+        if (self.upscale or 1) > 1 and not settings.upscaler:
+            not_applied.append("upscale (no upscaler model is configured)")
         options = {
             "base64": bool(self.base64),
             "temp": bool(self.temp),

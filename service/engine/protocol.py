@@ -49,6 +49,9 @@ class GenerationParams:
     # A custom VAE id (service/engine/vaes.py) that decodes this request's latents instead of
     # the model's own VAE. Only the decode changes, so it is not in the batch key.
     vae: str | None = None
+    # Upscale the images by this factor after decoding (1: no); the generator does it, with
+    # the configured upscaler (service/engine/upscaler.py). Not part of the batch key.
+    upscale: int = 1
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationParams:

@@ -270,6 +270,33 @@ def build_tiny_vae(
     return out
 
 
+def build_tiny_upscaler(
+    out_file: str | Path,
+    scale: int = 2,
+    seed: int = 0,
+    features: int = 8,
+    blocks: int = 1,
+    growth: int = 4,
+) -> Path:
+    """A narrow random-weight RRDBNet upscaler in the Real-ESRGAN release layout: a `.pth` of
+    `{"params_ema": tensors}` (read back with weights_only), or the bare tensors as
+    `.safetensors`."""
+    from service.engine.upscaler import RRDBNet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = RRDBNet(scale, features, blocks, growth)
+    state = {key: value.contiguous() for key, value in net.state_dict().items()}
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    if out_file.suffix == ".safetensors":
+        save_file(state, out_file)
+    else:
+        torch.save({"params_ema": state}, out_file)
+    out_file.chmod(0o644)
+    return out_file
+
+
 def build_tiny_safety_checker(path: str | Path, flags: str = "none", seed: int = 0) -> Path:
     """A tiny random-weight `StableDiffusionSafetyChecker` folder, laid out like
     CompVis/stable-diffusion-safety-checker (config, weights, CLIP image processor config).

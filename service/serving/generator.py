@@ -110,6 +110,18 @@ class Generator:
             from service.engine.safety import SafetyChecker  # torch: replicas only
 
             self.safety = SafetyChecker(settings.safety_checker, device=device)
+        self.upscaler = None  # a service.engine.upscaler.Upscaler when one is configured
+        if settings.upscaler:
+            import torch
+
+            from service.engine.upscaler import Upscaler
+
+            self.upscaler = Upscaler(
+                settings.upscaler,
+                device=device,
+                dtype=torch.float16 if device.startswith("cuda") else torch.float32,
+                tile=settings.upscaler_tile,
+            )
         self.max_batch_images = max_batch_images
         self._waiting = 0
         self._unusable: str | None = None
@@ -189,7 +201,18 @@ class Generator:
                 raise result
         if params.safety_checker:
             result = await asyncio.to_thread(self._check_safety, params, result)
+        if params.upscale > 1:
+            result = await asyncio.to_thread(self._upscale, params, result)
         return result
+
+    def _upscale(self, params: GenerationParams, output: GenerationOutput) -> GenerationOutput:
+        """After the safety check: a flagged image is treated at the size the checker saw."""
+        if self.upscaler is None:
+            raise RuntimeError("upscale was asked for but this generator has no upscaler")
+        started = time.perf_counter()
+        output.images = self.upscaler.upscale(output.images, params.upscale)
+        self.metrics.stage("upscale", params.model_id, time.perf_counter() - started)
+        return output
 
     def _check_safety(self, params: GenerationParams, output: GenerationOutput):
         """Flag the request's images and replace the flagged ones; a request that asked for the

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from service.api.protocol import MAX_SEED, RequestError, Text2ImgRequest
 from service.config import Settings
@@ -139,8 +140,6 @@ def test_operator_bounds_apply():
     ],
 )
 def test_coercion_errors(fields, expected):
-    from pydantic import ValidationError
-
     with pytest.raises(ValidationError) as info:
         Text2ImgRequest.model_validate({"key": "k", "prompt": "a cat", **fields})
     assert expected in str(info.value)
@@ -148,11 +147,11 @@ def test_coercion_errors(fields, expected):
 
 def test_unknown_fields_are_kept_aside_and_not_applied_ones_reported():
     body = Text2ImgRequest.model_validate(
-        {"key": "k", "prompt": "x", "watermark": "no", "upscale": "yes", "tomesd": "no"}
+        {"key": "k", "prompt": "x", "watermark": "no", "panorama": "yes", "tomesd": "no"}
     )
-    assert body.ignored_fields() == ["tomesd", "upscale", "watermark"]
+    assert body.ignored_fields() == ["panorama", "tomesd", "watermark"]
     _, options = body.to_params(Settings(), SIZES, LORAS)
-    assert options["not_applied"] == ["upscale"]
+    assert options["not_applied"] == ["panorama"]
     _, options = params(safety_checker="yes")
     assert any("safety_checker" in item for item in options["not_applied"])
 
@@ -216,3 +215,31 @@ def test_vae_names_a_vae_of_the_folder_or_the_models_own():
         {"key": "k", "prompt": "x", "vae": "anime"}
     ).to_params(Settings(), SIZES, LORAS, (), vaes)
     assert "vae" not in options["not_applied"]
+
+
+@pytest.mark.parametrize(
+    ("value", "factor"),
+    [
+        ("yes", 2), (True, 2), ("2", 2), (3, 3), ("4x", 4), (" 4 ", 4), (4.0, 4),
+        ("no", 1), (False, 1), ("", 1), (None, 1), (0, 1), ("1", 1),
+    ],
+)  # fmt: skip
+def test_upscale_is_yes_or_a_factor(value, factor):
+    body = Text2ImgRequest.model_validate({"key": "k", "prompt": "x", "upscale": value})
+    p, options = body.to_params(Settings(upscaler="/models/x2.pth"), SIZES, LORAS)
+    assert p.upscale == factor
+    assert options["not_applied"] == []
+
+
+@pytest.mark.parametrize("value", ["maybe", 5, "8x", -2, 2.5, [2]])
+def test_other_upscale_values_are_refused_naming_the_field(value):
+    with pytest.raises(ValidationError) as info:
+        Text2ImgRequest.model_validate({"key": "k", "prompt": "x", "upscale": value})
+    assert 'must be "no", "yes" (2x) or a factor of 2, 3 or 4' in str(info.value)
+
+
+def test_upscale_without_an_upscaler_is_reported_not_applied():
+    body = Text2ImgRequest.model_validate({"key": "k", "prompt": "x", "upscale": "yes"})
+    p, options = body.to_params(Settings(), SIZES, LORAS)
+    assert p.upscale == 1
+    assert options["not_applied"] == ["upscale (no upscaler model is configured)"]

@@ -76,6 +76,7 @@ def server(tmp_path_factory, tiny_model_dir):
     from service.engine.tiny_model import (
         build_tiny_embedding,
         build_tiny_safety_checker,
+        build_tiny_upscaler,
         build_tiny_vae,
     )
 
@@ -87,6 +88,7 @@ def server(tmp_path_factory, tiny_model_dir):
         "free_images_per_month": 5,
         "embeddings_dir": str(tmp / "embeddings"),
         "vae_dir": str(tmp / "vaes"),
+        "upscaler": str(build_tiny_upscaler(tmp / "x2.pth", scale=2)),
         # flags every image it is asked to check
         "safety_checker": str(build_tiny_safety_checker(tmp / "checker", flags="all")),
     }

@@ -120,7 +120,7 @@ def test_generate_shows_the_images_seed_time_and_cost(page, server, artifacts):
     page.screenshot(path=artifacts / "playground-desktop.png", full_page=True)
 
 
-def test_an_embedding_a_vae_and_the_safety_check(page, server, artifacts):
+def test_an_embedding_a_vae_upscaling_and_the_safety_check(page, server, artifacts):
     open_playground(page, server, server.demo_key)
     assert page.eval_on_selector_all("#embeddings_model option", "o => o.map(x => x.value)") == [
         "",
@@ -140,10 +140,11 @@ def test_an_embedding_a_vae_and_the_safety_check(page, server, artifacts):
     )
     page.select_option("#embeddings_model", "moody")
     page.select_option("#vae", "crisp")
+    page.select_option("#upscale", "2")
     page.check("#safety_checker")
     code = page.inner_text("#code-snippet")
     assert '"embeddings_model": "moody"' in code and '"safety_checker": "yes"' in code
-    assert '"vae": "crisp"' in code
+    assert '"vae": "crisp"' in code and '"upscale": 2' in code
     page.click("#generate")
 
     images = loaded_images(page, 2)
@@ -151,14 +152,16 @@ def test_an_embedding_a_vae_and_the_safety_check(page, server, artifacts):
         "The safety checker flagged 2 of 2 images: replaced as the request asked."
     )
     captions = page.eval_on_selector_all("#gallery figcaption", "c => c.map(x => x.textContent)")
-    assert captions == ["128×128, flagged", "128×128, flagged"]
+    assert captions == ["256×256, flagged", "256×256, flagged"]  # 2x upscaled
     # the default treatment: the same notice in place of each picture
     first, second = (requests.get(image["src"], timeout=30).content for image in images)
     assert first == second
+    assert Image.open(io.BytesIO(first)).size == (256, 256)
     page.screenshot(path=artifacts / "playground-safety-check.png", full_page=True)
 
-    # unchecked again: nothing is checked, nothing flagged
+    # unchecked again, and no upscaling: nothing is checked, nothing flagged
     page.uncheck("#safety_checker")
+    page.select_option("#upscale", "")
     page.click("#generate")
     page.wait_for_function(
         """() => {

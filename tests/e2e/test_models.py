@@ -20,6 +20,7 @@ from service.engine.tiny_model import (
     build_tiny_embedding,
     build_tiny_lora,
     build_tiny_model,
+    build_tiny_upscaler,
     build_tiny_vae,
 )
 from service.store.db import make_engine, make_sessionmaker
@@ -50,6 +51,7 @@ def fleet(tmp_path_factory, tiny_model_dir):
         "lora_dir": str(tmp / "loras"),
         "embeddings_dir": str(tmp / "embeddings"),
         "vae_dir": str(tmp / "vaes"),
+        "upscaler": str(build_tiny_upscaler(tmp / "x2.pth", scale=2)),
         "max_loaded_models": 1,
         "sync_window_s": 60,
     }
@@ -220,3 +222,24 @@ def test_a_custom_vae_decodes_only_the_requests_that_name_it(fleet):
     unknown = call(base_url, "/api/v6/images/text2img", prompt="x", vae="kl-f8", **SMALL)
     assert unknown["status"] == "error"
     assert unknown["message"] == "vae 'kl-f8' is not available; available VAEs: crisp"
+
+
+def test_upscale_gives_images_the_factor_times_larger(fleet):
+    base_url, _ = fleet
+
+    def size(body):
+        assert body["status"] == "success", body
+        return Image.open(io.BytesIO(requests.get(body["output"][0]).content)).size
+
+    path = "/api/v6/images/text2img"
+    doubled = call(base_url, path, prompt="a tower", upscale="yes", **SMALL)
+    assert doubled["meta"]["upscale"] == 2 and size(doubled) == (128, 128)
+    # the network is x2: a factor of 3 is resized from its output
+    tripled = call(base_url, path, prompt="a tower", upscale=3, samples=2, **SMALL)
+    assert tripled["meta"]["upscale"] == 3 and size(tripled) == (192, 192)
+    assert len(tripled["output"]) == 2
+    plain = call(base_url, path, prompt="a tower", upscale="no", **SMALL)
+    assert plain["meta"]["upscale"] == "no" and size(plain) == (64, 64)
+    refused = call(base_url, path, prompt="a tower", upscale="8x", **SMALL)
+    assert refused["status"] == "error"
+    assert refused["message"].startswith("upscale must be")

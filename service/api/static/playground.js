@@ -12,7 +12,7 @@ const TEXT2IMG_PATH = "/api/v6/images/text2img";
 const FIELD_NAMES = [
   "num_inference_steps", "embeddings_model", "negative_prompt", "guidance_scale",
   "lora_strength", "lora_model", "model_id", "scheduler", "samples", "prompt", "height",
-  "width", "seed", "vae",
+  "width", "seed", "vae", "upscale",
 ];
 const NUMERIC_FIELDS = new Set(["width", "height", "samples", "num_inference_steps", "guidance_scale"]);
 
@@ -90,6 +90,8 @@ function requestBody() {
   if (embedding) body.embeddings_model = embedding;
   const vae = fieldValue("vae");
   if (vae) body.vae = vae;
+  const upscale = fieldValue("upscale");
+  if (upscale && !$("upscale-field").hidden) body.upscale = asNumber(upscale);
   if ($("safety_checker").checked && !$("safety_checker").disabled) body.safety_checker = "yes";
   const lora = fieldValue("lora_model");
   if (lora) {
@@ -152,6 +154,7 @@ function applyConfig(config) {
   applyLoras(config.loras || []);
   applyEmbeddings(config.embeddings || []);
   applyVaes(config.vaes || []);
+  $("upscale-field").hidden = !(config.upscaler && config.upscaler.configured);
   applySafetyChecker(config.safety_checker || { configured: false });
   applyModels(config.models, config.default_model_id);
 }
@@ -429,7 +432,9 @@ function showResult(job) {
   const meta = job.meta || {};
   $("result-time").textContent = `${Number(job.generationTime).toFixed(2)} s`;
   $("result-seed").textContent = String(meta.seed);
-  $("result-size").textContent = `${meta.width}×${meta.height}, ${job.output.length} image${job.output.length === 1 ? "" : "s"}`;
+  const factor = Number(meta.upscale) || 1;
+  const size = `${meta.width * factor}×${meta.height * factor}`;
+  $("result-size").textContent = `${size}${factor > 1 ? ` (${factor}× upscaled)` : ""}, ${job.output.length} image${job.output.length === 1 ? "" : "s"}`;
   $("result-cost").textContent = callCost(job.output.length, meta.model_id);
   $("result").hidden = false;
 }
@@ -474,7 +479,8 @@ async function generate(event) {
     }
     if (job.status === "success") {
       const meta = job.meta || {};
-      showImages(job.output, meta.width, meta.height, meta.nsfw_flags || []);
+      const factor = Number(meta.upscale) || 1;  // "no" or the factor
+      showImages(job.output, meta.width * factor, meta.height * factor, meta.nsfw_flags || []);
       showResult(job);
       setStatus("success", `Done in ${elapsed()} s`);
       refreshKey();
