@@ -68,7 +68,16 @@ SUITES: dict[str, dict] = {
         "primary": [(64, 2, 1), (64, 2, 2)],
         "repeats": 1,
         "budget_s": 50.0,
-        "sections": ["flops", "cold_start", "primary", "check", "kernel", "ablation", "matrix"],
+        "sections": [
+            "flops",
+            "cold_start",
+            "primary",
+            "check",
+            "kernel",
+            "ablation",
+            "matrix",
+            "tomesd",
+        ],
     },
     # The committed CPU figures: the tiny model at its own size, a few batch sizes.
     "cpu": {
@@ -98,6 +107,7 @@ SUITES: dict[str, dict] = {
             "ablation",
             "kernel",
             "matrix",
+            "tomesd",
         ],
     },
     # A second GPU call: the rest of the matrix (768/512 × 50/25 steps × batch 1-16).
@@ -466,6 +476,11 @@ class Bench:
     def section_ablation(self) -> None:
         """One UNet forward per switch, cumulatively; compile and graphs through the runner."""
         self.result["ablation"] = ablation(self)
+
+    def section_tomesd(self) -> None:
+        """Token merging (tomesd): UNet forward time with and without it, and how much the
+        noise prediction moves, at each size."""
+        self.result["tomesd"] = tomesd_bench(self)
 
     def section_kernel(self) -> None:
         """GroupNorm+SiLU: Triton against eager torch (and Inductor on a GPU), SD2's shapes."""
@@ -918,6 +933,55 @@ def ablation(bench: Bench) -> dict:
                 )
     results["rows"] = timings
     unet.to("meta")  # frees its device memory now
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def tomesd_bench(bench: Bench) -> dict:
+    """Median eager UNet forward (stock dtype, SDPA) with token merging at two ratios against
+    none, per size and batch; `rel_err` is |eps_tome - eps| / |eps| of one forward."""
+    from diffusers import UNet2DConditionModel
+
+    from service.engine.token_merging import TokenMerging
+
+    device = bench.device
+    unet = UNet2DConditionModel.from_pretrained(
+        bench.model_dir / "unet", dtype=stock_dtype(device)
+    ).to(device)
+    unet.eval()
+    image_batches = [1, 8] if device.type == "cuda" else [1, 2]
+    results: dict = {"unit": "ms per UNet forward (2 rows per image)", "sizes": {}}
+    for size in sorted(bench.args.sizes, reverse=True):
+        latent = size // 8
+        per_size: dict = {}
+        for image_batch in image_batches:
+            rows = 2 * image_batch
+            g = torch.Generator("cpu").manual_seed(0)
+            x = torch.randn(rows, 4, latent, latent, generator=g).to(device, unet.dtype)
+            ehs = torch.randn(rows, 77, unet.config.cross_attention_dim, generator=g)
+            ehs = ehs.to(device, unet.dtype)
+            t = torch.full((rows,), 500.0, device=device)
+
+            def forward(x=x, t=t, ehs=ehs):
+                return unet(x, t, encoder_hidden_states=ehs, return_dict=False)[0]
+
+            iters = 5 if device.type == "cuda" else 2
+            with torch.inference_mode():
+                base = forward().float()
+                row = {"none": round(statistics.median(_times(device, forward, 2, iters)) * 1e3, 3)}
+                for ratio in (0.3, 0.5):
+                    with TokenMerging(ratio).applied(unet, (latent, latent), t):
+                        merged = forward().float()
+                        ms = statistics.median(_times(device, forward, 2, iters)) * 1e3
+                    row[f"ratio {ratio}"] = {
+                        "ms": round(ms, 3),
+                        "speedup": round(row["none"] / ms, 3),
+                        "rel_err": round(_rel(merged, base), 4),
+                    }
+            per_size[str(rows)] = row
+        results["sizes"][str(size)] = per_size
+    unet.to("meta")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return results

@@ -222,6 +222,14 @@ class Settings(BaseSettings):
         "check every image, whatever the request says (needs safety_checker).",
     )
 
+    tomesd_ratio: float = Field(
+        0.5,
+        ge=0,
+        le=0.75,
+        description="Share of the tokens of the UNet's highest-resolution self-attention merged "
+        "away for requests with tomesd=yes (ToMe); 0 turns token merging off (such requests "
+        "are served without it, and responses say so).",
+    )
     upscaler: str | None = Field(
         None,
         description="An RRDBNet upscaler file in the Real-ESRGAN release layout (e.g. "

@@ -38,7 +38,6 @@ NOT_APPLIED_FIELDS = (
     "panorama",
     "self_attention",
     "highres_fix",
-    "tomesd",
     "ip_adapter_id",
     "ip_adapter_scale",
     "ip_adapter_image",
@@ -325,6 +324,14 @@ class Text2ImgRequest(KeyedRequest):
         "model's own VAE. Omitted, null or \"default\": the model's VAE.",
         json_schema_extra={"examples": [None]},
     )
+    tomesd: Toggle = Field(
+        None,
+        description='"yes": token merging (ToMe) in the UNet\'s highest-resolution '
+        "self-attention: faster at large sizes, slightly different images "
+        "(SDSERVE_TOMESD_RATIO of those tokens are merged, 0.5 by default). "
+        '"no" or omitted: the full attention.',
+        json_schema_extra={"default": False},
+    )
     upscale: UpscaleFactor = Field(
         None,
         description='"yes" (2x), or a factor of 2, 3 or 4: the images are upscaled by the '
@@ -528,12 +535,15 @@ class Text2ImgRequest(KeyedRequest):
             safety_checker=check,
             safety_checker_type=treatment,
             upscale=(self.upscale or 1) if settings.upscaler else 1,
+            tomesd=bool(self.tomesd) and settings.tomesd_ratio > 0,
         )
         not_applied = [
             name for name in NOT_APPLIED_FIELDS if _is_set((self.model_extra or {}).get(name))
         ]
         if self.safety_checker and not check:
             not_applied.append("safety_checker (no safety checker model is configured)")
+        if self.tomesd and not settings.tomesd_ratio:
+            not_applied.append("tomesd (token merging is off on this server)")
         if (self.upscale or 1) > 1 and not settings.upscaler:
             not_applied.append("upscale (no upscaler model is configured)")
         options = {

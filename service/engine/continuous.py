@@ -15,7 +15,7 @@ bucket and
 Requests with different step counts and different schedulers share the forward. A request's
 "step" is one UNet evaluation: Heun and KDPM2 (two evaluations per sampling step, repeated
 entries in their `timesteps`) simply take more of them, driven by their own scheduler. Models,
-LoRA sets and resolutions never share a forward: they are the bucket key.
+LoRA sets, resolutions and token merging never share a forward: they are the bucket key.
 
 Fairness. Within a bucket admission is FIFO, and a request that does not fit blocks the ones
 behind it (small requests never overtake a large one forever). Across buckets:
@@ -54,8 +54,9 @@ ADMISSION_ORDERS = ("oldest_first", "round_robin")
 
 def bucket_key(params: GenerationParams) -> tuple:
     """Requests with equal keys can share a UNet forward, whatever their step, step count,
-    scheduler, guidance or prompt: same weights (model + LoRA set) and same latent shape."""
-    return (params.model_id, params.loras, params.width, params.height)
+    scheduler, guidance or prompt: same weights (model + LoRA set), same latent shape and the
+    same attention (with or without token merging)."""
+    return (params.model_id, params.loras, params.width, params.height, params.tomesd)
 
 
 @dataclass(eq=False)
@@ -212,7 +213,7 @@ class ContinuousBatcher:
             if bucket is None:
                 return None
             admitted = self._admit(bucket)
-        model_id, _, width, height = bucket.key
+        model_id, _, width, height, _ = bucket.key
         report = StepReport(model_id, width, height)
         with self._engine_lock, torch.inference_mode():
             started = self.clock()
@@ -281,7 +282,7 @@ class ContinuousBatcher:
         return admitted
 
     def _step_bucket(self, bucket: _Bucket, admitted: list[Ticket], report: StepReport) -> None:
-        model_id, loras, _, _ = bucket.key
+        model_id, loras, _, _, _ = bucket.key
         try:
             pipe = self.engine.load(model_id)
             self._activate_loras(pipe, loras)

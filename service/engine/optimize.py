@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from service.engine.kernels import group_norm_silu, group_norm_silu_triton, triton_runs_on
+from service.engine.token_merging import TokenMerging
 
 log = logging.getLogger(__name__)
 
@@ -349,14 +350,23 @@ class PipelineRunner:
     # --- the two calls the engine makes -------------------------------------------------------
 
     def unet(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        token_merging: TokenMerging | None = None,
     ) -> torch.Tensor:
-        """Noise prediction for `sample` (rows, 4, h, w), returned in `sample`'s dtype."""
+        """Noise prediction for `sample` (rows, 4, h, w), returned in `sample`'s dtype. With
+        `token_merging` the eager UNet runs, its hooks added for this call only."""
         unet = self.pipe.unet
         out_dtype = sample.dtype
         sample = sample.to(unet.dtype)
         timestep = timestep.to(self.device)
         encoder_hidden_states = encoder_hidden_states.to(unet.dtype)
+        if token_merging is not None:
+            self.stats.eager_calls += 1
+            with token_merging.applied(unet, tuple(sample.shape[-2:]), timestep):
+                return self._eager(sample, timestep, encoder_hidden_states).to(out_dtype)
         if not self.config.enabled or self._adapters_loaded():
             self.stats.eager_calls += 1
             return self._eager(sample, timestep, encoder_hidden_states).to(out_dtype)

@@ -35,6 +35,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from service.engine.optimize import OptimizationConfig, apply_optimizations, runner_for
 from service.engine.protocol import GenerationOutput, GenerationParams
 from service.engine.schedulers import build_scheduler, validate_scheduler_options
+from service.engine.token_merging import TokenMerging
 from service.engine.vaes import VaeLibrary, decode_with
 
 CLIP_MAX_TOKENS = 77  # CLIP's context, BOS and EOS included
@@ -106,6 +107,7 @@ class Engine:
         vaes: Mapping[str, str | Path] | None = None,
         max_loaded_models: int | None = None,
         optimizations: OptimizationConfig | None = None,
+        token_merging_ratio: float | None = 0.5,
     ) -> None:
         """`models` maps model ids to diffusers folders; nothing is loaded until first use.
 
@@ -115,7 +117,9 @@ class Engine:
         files, `vaes` custom VAE ids to folders or files (service/engine/vaes.py);
         `max_loaded_models` bounds the pipelines held at once (least recently used ones
         are unloaded first). `optimizations` switches the optimized path
-        (service/engine/optimize.py); off when None.
+        (service/engine/optimize.py); off when None. `token_merging_ratio` is the share of
+        tokens merged away for requests with `tomesd` (service/engine/token_merging.py; None:
+        such requests are refused).
         """
         self.model_paths = {model_id: Path(path) for model_id, path in models.items()}
         self.lora_paths = {lora_id: Path(path) for lora_id, path in (loras or {}).items()}
@@ -127,6 +131,7 @@ class Engine:
         self.generator_device = torch.device(generator_device)
         self.vae_batch_size = vae_batch_size
         self.vaes = VaeLibrary(vaes or {}, self.device, self.dtype)
+        self.token_merging = TokenMerging(token_merging_ratio) if token_merging_ratio else None
         # engine optimizations: latents stay fp32 on the optimized path, only the nets run bf16
         self.optimizations = (optimizations or OptimizationConfig()).resolved(self.device)
         self.latent_dtype = self.optimizations.latent_dtype(self.dtype)
@@ -448,13 +453,15 @@ class Engine:
             timesteps.append(t.float().reshape(1).expand(state.samples))
         cfg = [i for i, state in enumerate(states) if state.uncond_embeds is not None]
 
-        # The runner (service/engine/optimize.py) calls the stock, compiled or graphed UNet.
+        # The runner (service/engine/optimize.py) calls the stock, compiled or graphed UNet;
+        # token merging (every state has the same `tomesd`: it is in the batch key) runs eager.
         noise_pred = runner_for(pipe).unet(
             torch.cat([inputs[i] for i in cfg] + inputs),
             torch.cat([timesteps[i] for i in cfg] + timesteps).to(self.device),
             torch.cat(
                 [states[i].uncond_embeds for i in cfg] + [state.cond_embeds for state in states]
             ),
+            token_merging=self.token_merging if states[0].params.tomesd else None,
         )
 
         n_uncond = sum(states[i].samples for i in cfg)
@@ -586,6 +593,8 @@ class Engine:
                     raise ValueError(f"{name}: must be a positive multiple of 8, got {value}")
             if params.samples < 1:
                 raise ValueError(f"samples: must be at least 1, got {params.samples}")
+            if params.tomesd and self.token_merging is None:
+                raise ValueError("tomesd: token merging is off on this engine")
             if not 0 <= params.seed <= 2**64 - params.samples:
                 raise ValueError(f"seed: must be in 0..2**64 - samples, got {params.seed}")
 

@@ -52,6 +52,9 @@ class GenerationParams:
     # Upscale the images by this factor after decoding (1: no); the generator does it, with
     # the configured upscaler (service/engine/upscaler.py). Not part of the batch key.
     upscale: int = 1
+    # Token merging (ToMe, service/engine/token_merging.py) in the UNet's self-attention: it
+    # changes the UNet's computation, so it is part of the batch key.
+    tomesd: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationParams:
@@ -71,6 +74,7 @@ class GenerationParams:
             self.use_karras_sigmas,
             self.algorithm_type,
             self.loras,  # adapters change the UNet: different sets never share a call
+            self.tomesd,
         )
 
 

@@ -93,6 +93,7 @@ class Generator:
             loras=settings.lora_paths(),
             embeddings=settings.embedding_paths(),
             vaes=settings.vae_paths(),
+            token_merging_ratio=settings.tomesd_ratio or None,
             max_loaded_models=settings.max_loaded_models,
             optimizations=optimizations,
         )

@@ -149,7 +149,7 @@ def test_unknown_fields_are_kept_aside_and_not_applied_ones_reported():
     body = Text2ImgRequest.model_validate(
         {"key": "k", "prompt": "x", "watermark": "no", "panorama": "yes", "tomesd": "no"}
     )
-    assert body.ignored_fields() == ["panorama", "tomesd", "watermark"]
+    assert body.ignored_fields() == ["panorama", "watermark"]
     _, options = body.to_params(Settings(), SIZES, LORAS)
     assert options["not_applied"] == ["panorama"]
     _, options = params(safety_checker="yes")
@@ -243,3 +243,14 @@ def test_upscale_without_an_upscaler_is_reported_not_applied():
     p, options = body.to_params(Settings(), SIZES, LORAS)
     assert p.upscale == 1
     assert options["not_applied"] == ["upscale (no upscaler model is configured)"]
+
+
+def test_tomesd_asks_for_token_merging_unless_the_server_turned_it_off():
+    body = Text2ImgRequest.model_validate({"key": "k", "prompt": "x", "tomesd": "yes"})
+    p, options = body.to_params(Settings(), SIZES, LORAS)
+    assert p.tomesd and options["not_applied"] == []
+    assert not params(tomesd="no")[0].tomesd and not params()[0].tomesd
+    p, options = body.to_params(Settings(tomesd_ratio=0), SIZES, LORAS)
+    assert not p.tomesd
+    assert options["not_applied"] == ["tomesd (token merging is off on this server)"]
+    assert p.batch_key() != body.to_params(Settings(), SIZES, LORAS)[0].batch_key()

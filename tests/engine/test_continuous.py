@@ -133,9 +133,9 @@ def test_one_forward_holds_every_running_request_each_at_its_own_timestep(engine
     calls = []
     real_unet = runner.unet
 
-    def spy(sample, timestep, encoder_hidden_states):
+    def spy(sample, timestep, encoder_hidden_states, **options):
         calls.append((sample.shape[0], timestep.tolist()))
-        return real_unet(sample, timestep, encoder_hidden_states)
+        return real_unet(sample, timestep, encoder_hidden_states, **options)
 
     monkeypatch.setattr(runner, "unet", spy)
     guided = request(seed=1, num_inference_steps=4, scheduler="EulerDiscreteScheduler")
