@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 
 from service.api.docs import request_fields, served_models
 from service.api.protocol import KeyedRequest
-from service.engine.schedulers import SCHEDULERS
+from service.engine.schedulers import SAG_SCHEDULERS, SCHEDULERS
 from service.pricing import Plan, PlanLimits, format_usd
 
 router = APIRouter()
@@ -44,6 +44,8 @@ FORM_FIELDS = (
     "embeddings_model",
     "vae",
     "upscale",
+    "tomesd",
+    "self_attention",
     "safety_checker",
 )
 
@@ -78,6 +80,8 @@ async def playground_config(request: Request) -> dict:
         "embeddings": service.registry.embedding_ids(),
         "vaes": service.registry.vae_ids(),
         "upscaler": {"configured": bool(service.settings.upscaler)},
+        "tomesd": service.settings.tomesd_ratio > 0,
+        "sag_schedulers": sorted(SAG_SCHEDULERS),
         "safety_checker": {
             "configured": bool(service.settings.safety_checker),
             "mode": service.settings.safety_checker_mode,

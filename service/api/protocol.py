@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.config import DEFAULT_MODEL_ID, Settings
 from service.engine.protocol import SAFETY_TREATMENTS, GenerationParams
-from service.engine.schedulers import SCHEDULERS, canonical_scheduler_name
+from service.engine.schedulers import SAG_SCHEDULERS, SCHEDULERS, canonical_scheduler_name
 from service.registry import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ NOT_APPLIED_FIELDS = (
     "enhance_prompt",
     "multi_lingual",
     "panorama",
-    "self_attention",
     "highres_fix",
     "ip_adapter_id",
     "ip_adapter_scale",
@@ -332,6 +331,14 @@ class Text2ImgRequest(KeyedRequest):
         '"no" or omitted: the full attention.',
         json_schema_extra={"default": False},
     )
+    self_attention: Toggle = Field(
+        None,
+        description='"yes": self-attention guidance (SAG): sharper detail for one more UNet '
+        "pass per step over this request's images. Needs a scheduler with integer timesteps "
+        "(DDIM, DDPM, PNDM, DPMSolverMultistep/Singlestep, UniPC, DEIS, LCM); with another one "
+        "the request is served without it and `meta.not_applied` says so.",
+        json_schema_extra={"default": False},
+    )
     upscale: UpscaleFactor = Field(
         None,
         description='"yes" (2x), or a factor of 2, 3 or 4: the images are upscaled by the '
@@ -536,12 +543,17 @@ class Text2ImgRequest(KeyedRequest):
             safety_checker_type=treatment,
             upscale=(self.upscale or 1) if settings.upscaler else 1,
             tomesd=bool(self.tomesd) and settings.tomesd_ratio > 0,
+            self_attention=bool(self.self_attention) and scheduler in SAG_SCHEDULERS,
         )
         not_applied = [
             name for name in NOT_APPLIED_FIELDS if _is_set((self.model_extra or {}).get(name))
         ]
         if self.safety_checker and not check:
             not_applied.append("safety_checker (no safety checker model is configured)")
+        if self.self_attention and scheduler not in SAG_SCHEDULERS:
+            not_applied.append(
+                f"self_attention (needs a scheduler with integer timesteps, not {scheduler})"
+            )
         if self.tomesd and not settings.tomesd_ratio:
             not_applied.append("tomesd (token merging is off on this server)")
         if (self.upscale or 1) > 1 and not settings.upscaler:

@@ -283,6 +283,7 @@ class ImageService:
             "vae": params.vae,
             "upscale": params.upscale if params.upscale > 1 else "no",
             "tomesd": "yes" if params.tomesd else "no",
+            "self_attention": "yes" if params.self_attention else "no",
             "safety_checker": "yes" if params.safety_checker else "no",
             "safety_checker_type": params.safety_checker_type if params.safety_checker else None,
             "base64": "yes" if options["base64"] else "no",

@@ -26,7 +26,7 @@ import logging
 import os
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,7 +34,6 @@ import torch
 import torch.nn as nn
 
 from service.engine.kernels import group_norm_silu, group_norm_silu_triton, triton_runs_on
-from service.engine.token_merging import TokenMerging
 
 log = logging.getLogger(__name__)
 
@@ -354,18 +353,21 @@ class PipelineRunner:
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        token_merging: TokenMerging | None = None,
+        hooks: Sequence[contextlib.AbstractContextManager] = (),
     ) -> torch.Tensor:
         """Noise prediction for `sample` (rows, 4, h, w), returned in `sample`'s dtype. With
-        `token_merging` the eager UNet runs, its hooks added for this call only."""
+        `hooks` (context managers that add module hooks: token merging, SAG's attention
+        capture) the eager UNet runs inside them: compiled or graphed calls skip Python hooks."""
         unet = self.pipe.unet
         out_dtype = sample.dtype
         sample = sample.to(unet.dtype)
         timestep = timestep.to(self.device)
         encoder_hidden_states = encoder_hidden_states.to(unet.dtype)
-        if token_merging is not None:
+        if hooks:
             self.stats.eager_calls += 1
-            with token_merging.applied(unet, tuple(sample.shape[-2:]), timestep):
+            with contextlib.ExitStack() as stack:
+                for hook in hooks:
+                    stack.enter_context(hook)
                 return self._eager(sample, timestep, encoder_hidden_states).to(out_dtype)
         if not self.config.enabled or self._adapters_loaded():
             self.stats.eager_calls += 1

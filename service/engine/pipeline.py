@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are always local files
 import contextlib
 import gc
 import inspect
+import itertools
 import json
 import re
 import threading
@@ -35,6 +36,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from service.engine.optimize import OptimizationConfig, apply_optimizations, runner_for
 from service.engine.protocol import GenerationOutput, GenerationParams
 from service.engine.schedulers import build_scheduler, validate_scheduler_options
+from service.engine.self_attention_guidance import (
+    SAG_SCALE,
+    SAG_SCHEDULERS,
+    AttentionCapture,
+    degrade,
+    predict_x0_and_eps,
+)
 from service.engine.token_merging import TokenMerging
 from service.engine.vaes import VaeLibrary, decode_with
 
@@ -452,19 +460,40 @@ class Engine:
             inputs.append(state.scheduler.scale_model_input(state.latents, t))
             timesteps.append(t.float().reshape(1).expand(state.samples))
         cfg = [i for i, state in enumerate(states) if state.uncond_embeds is not None]
+        n_uncond = sum(states[i].samples for i in cfg)
+        # first row of each request's unconditional rows (CFG only) and of its conditional ones
+        uncond_first = itertools.accumulate((states[i].samples for i in cfg), initial=0)
+        uncond_start = dict(zip(cfg, uncond_first, strict=False))  # accumulate yields one more
+        cond_start = list(itertools.accumulate((s.samples for s in states), initial=n_uncond))
+        # SAG reads the attention of a request's unconditional rows, or conditional without CFG
+        sag = {
+            i: uncond_start.get(i, cond_start[i])
+            for i, state in enumerate(states)
+            if state.params.self_attention
+        }
+        capture = None
+        hooks: list = []
+        if sag:
+            rows = [r for i, first in sag.items() for r in range(first, first + states[i].samples)]
+            capture = AttentionCapture(pipe.unet, rows)
+            hooks.append(capture.installed())
+        all_timesteps = torch.cat([timesteps[i] for i in cfg] + timesteps).to(self.device)
+        # every state has the same `tomesd`: it is in the batch key
+        if states[0].params.tomesd:
+            latent_size = tuple(inputs[0].shape[-2:])
+            hooks.append(self._token_merging().applied(pipe.unet, latent_size, all_timesteps))
 
         # The runner (service/engine/optimize.py) calls the stock, compiled or graphed UNet;
-        # token merging (every state has the same `tomesd`: it is in the batch key) runs eager.
+        # with hooks (token merging, SAG's attention capture) it runs the eager one.
         noise_pred = runner_for(pipe).unet(
             torch.cat([inputs[i] for i in cfg] + inputs),
-            torch.cat([timesteps[i] for i in cfg] + timesteps).to(self.device),
+            all_timesteps,
             torch.cat(
                 [states[i].uncond_embeds for i in cfg] + [state.cond_embeds for state in states]
             ),
-            token_merging=self.token_merging if states[0].params.tomesd else None,
+            hooks=hooks,
         )
 
-        n_uncond = sum(states[i].samples for i in cfg)
         noise = list(noise_pred[n_uncond:].split([state.samples for state in states]))
         if cfg:
             uncond = noise_pred[:n_uncond]
@@ -477,6 +506,8 @@ class Engine:
             guided = uncond + scale * (cond - uncond)
             for i, rows in zip(cfg, guided.split([states[i].samples for i in cfg]), strict=True):
                 noise[i] = rows
+        if sag:
+            self._self_attention_guidance(pipe, states, sag, noise, noise_pred, capture)
 
         for state, state_noise in zip(states, noise, strict=True):
             t = state.timesteps[state.step]
@@ -484,6 +515,54 @@ class Engine:
                 state_noise, t, state.latents, **state.step_kwargs, return_dict=False
             )[0]
             state.step += 1
+
+    def _self_attention_guidance(
+        self,
+        pipe: StableDiffusionPipeline,
+        states: list[RequestState],
+        sag: dict[int, int],
+        noise: list[torch.Tensor],
+        noise_pred: torch.Tensor,
+        capture: AttentionCapture,
+    ) -> None:
+        """One UNet pass over the SAG requests' degraded latents (service/engine/
+        self_attention_guidance.py), then each one's guided noise is pushed away from it."""
+        degraded, embeds, times, sources = [], [], [], []
+        offset = 0
+        for i, first in sag.items():
+            state = states[i]
+            t = state.timesteps[state.step]
+            source = noise_pred[first : first + state.samples]
+            x0, eps = predict_x0_and_eps(state.scheduler, state.latents, source, t)
+            probs = capture.probs[offset : offset + state.samples]
+            offset += state.samples
+            degraded.append(degrade(state.scheduler, x0, eps, probs, capture.grid, t))
+            uncond = state.uncond_embeds
+            embeds.append(uncond if uncond is not None else state.cond_embeds)
+            times.append(t.float().reshape(1).expand(state.samples))
+            sources.append(source)
+        hooks = []
+        if states[0].params.tomesd:
+            hooks.append(
+                self._token_merging().applied(
+                    pipe.unet, tuple(degraded[0].shape[-2:]), torch.cat(times)
+                )
+            )
+        predicted = runner_for(pipe).unet(
+            torch.cat(degraded),
+            torch.cat(times).to(self.device),
+            torch.cat(embeds),
+            hooks=hooks,
+        )
+        for (i, _), source, rows in zip(
+            sag.items(), sources, predicted.split([states[i].samples for i in sag]), strict=True
+        ):
+            noise[i] = noise[i] + SAG_SCALE * (source - rows)
+
+    def _token_merging(self) -> TokenMerging:
+        if self.token_merging is None:
+            raise ValueError("tomesd: token merging is off on this engine")
+        return self.token_merging
 
     def decode_states(
         self, pipe: StableDiffusionPipeline, states: list[RequestState]
@@ -595,6 +674,11 @@ class Engine:
                 raise ValueError(f"samples: must be at least 1, got {params.samples}")
             if params.tomesd and self.token_merging is None:
                 raise ValueError("tomesd: token merging is off on this engine")
+            if params.self_attention and params.scheduler not in SAG_SCHEDULERS:
+                raise ValueError(
+                    f"self_attention: needs a scheduler with integer timesteps "
+                    f"({', '.join(sorted(SAG_SCHEDULERS))}), got {params.scheduler}"
+                )
             if not 0 <= params.seed <= 2**64 - params.samples:
                 raise ValueError(f"seed: must be in 0..2**64 - samples, got {params.seed}")
 

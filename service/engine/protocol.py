@@ -55,6 +55,10 @@ class GenerationParams:
     # Token merging (ToMe, service/engine/token_merging.py) in the UNet's self-attention: it
     # changes the UNet's computation, so it is part of the batch key.
     tomesd: bool = False
+    # Self-attention guidance (service/engine/self_attention_guidance.py): one more UNet pass
+    # per step over this request's degraded latents; the shared forward is unchanged, so it is
+    # not part of the batch key.
+    self_attention: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationParams:

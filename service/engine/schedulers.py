@@ -60,6 +60,22 @@ _CLASSES: dict[str, type[SchedulerMixin]] = {
 SCHEDULERS: tuple[str, ...] = tuple(_CLASSES)
 """Canonical scheduler names: the diffusers class names."""
 
+# Schedulers whose timesteps are integers with an `alphas_cumprod` entry, which self-attention
+# guidance needs (service/engine/self_attention_guidance.py; checked against every scheduler in
+# tests/engine/test_self_attention_guidance.py).
+SAG_SCHEDULERS = frozenset(
+    {
+        "DDPMScheduler",
+        "DDIMScheduler",
+        "PNDMScheduler",
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler",
+        "UniPCMultistepScheduler",
+        "DEISMultistepScheduler",
+        "LCMScheduler",
+    }
+)
+
 _BY_LOWER: dict[str, str] = {}
 for _name in SCHEDULERS:
     _BY_LOWER[_name.lower()] = _name

@@ -254,3 +254,14 @@ def test_tomesd_asks_for_token_merging_unless_the_server_turned_it_off():
     assert not p.tomesd
     assert options["not_applied"] == ["tomesd (token merging is off on this server)"]
     assert p.batch_key() != body.to_params(Settings(), SIZES, LORAS)[0].batch_key()
+
+
+def test_self_attention_applies_with_integer_timestep_schedulers_only():
+    guided, options = params(self_attention="yes", scheduler="DDIM")
+    assert guided.self_attention and options["not_applied"] == []
+    assert not params(self_attention="no")[0].self_attention
+    euler, options = params(self_attention="yes", scheduler="EulerDiscreteScheduler")
+    assert not euler.self_attention
+    assert options["not_applied"] == [
+        "self_attention (needs a scheduler with integer timesteps, not EulerDiscreteScheduler)"
+    ]

@@ -172,6 +172,27 @@ def test_an_embedding_a_vae_upscaling_and_the_safety_check(page, server, artifac
     assert not page.is_visible("#nsfw-note")
 
 
+def test_token_merging_and_self_attention_guidance_boxes(page, server):
+    open_playground(page, server, server.demo_key)
+    fill_form(page, width=128, height=128, num_inference_steps=2, scheduler="EulerDiscreteScheduler")
+    # SAG needs integer timesteps: Euler has none, so its box is off
+    assert page.is_disabled("#self_attention")
+    assert "needs integer timesteps" in page.inner_text("#self_attention-hint")
+    page.select_option("#scheduler", "DDIMScheduler")
+    assert not page.is_disabled("#self_attention")
+    page.check("#self_attention")
+    page.check("#tomesd")
+    code = page.inner_text("#code-snippet")
+    assert '"self_attention": "yes"' in code and '"tomesd": "yes"' in code
+    page.click("#generate")
+    images = loaded_images(page, 1)
+    assert (images[0]["w"], images[0]["h"]) == (128, 128)
+    # back to a sigma scheduler: the box is cleared, and the request no longer asks for SAG
+    page.select_option("#scheduler", "EulerDiscreteScheduler")
+    assert not page.is_checked("#self_attention")
+    assert '"self_attention"' not in page.inner_text("#code-snippet")
+
+
 def test_a_bad_width_shows_the_api_message_next_to_width(page, server, artifacts):
     open_playground(page, server, server.demo_key)
     fill_form(page, width=100, height=128, num_inference_steps=2)

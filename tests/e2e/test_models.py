@@ -243,3 +243,23 @@ def test_upscale_gives_images_the_factor_times_larger(fleet):
     refused = call(base_url, path, prompt="a tower", upscale="8x", **SMALL)
     assert refused["status"] == "error"
     assert refused["message"].startswith("upscale must be")
+
+
+def test_self_attention_guidance_and_token_merging_through_serve(fleet):
+    base_url, _ = fleet
+
+    def pixels(body):
+        assert body["status"] == "success", body
+        return np.asarray(Image.open(io.BytesIO(requests.get(body["output"][0]).content)))
+
+    def tower(**fields):
+        path = "/api/v6/images/text2img"
+        return call(base_url, path, prompt="a tower", seed=11, scheduler="DDIM", **SMALL, **fields)
+
+    plain = tower()
+    guided = tower(self_attention="yes")
+    merged = tower(tomesd="yes")
+    assert (guided["meta"]["self_attention"], merged["meta"]["tomesd"]) == ("yes", "yes")
+    assert not np.array_equal(pixels(guided), pixels(plain))
+    assert not np.array_equal(pixels(merged), pixels(plain))
+    assert np.array_equal(pixels(tower(self_attention="yes")), pixels(guided))

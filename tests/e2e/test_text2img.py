@@ -103,6 +103,7 @@ def test_the_model_page_snippet_works_by_changing_the_base_url(server):
     assert meta["clip_skip"] == 2 and meta["seed"] > 0
     assert "enhance_prompt" in meta["not_applied"]
     assert meta["tomesd"] == "yes" and "tomesd" not in " ".join(meta["not_applied"])
+    assert meta["self_attention"] == "no"
 
 
 def test_four_samples_are_four_distinct_images(server):

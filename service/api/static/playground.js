@@ -18,6 +18,7 @@ const NUMERIC_FIELDS = new Set(["width", "height", "samples", "num_inference_ste
 
 const state = {
   config: null,
+  sagSchedulers: new Set(),
   models: [],
   account: null,
   lastSizeDefaults: null,
@@ -90,6 +91,8 @@ function requestBody() {
   if (embedding) body.embeddings_model = embedding;
   const vae = fieldValue("vae");
   if (vae) body.vae = vae;
+  if ($("tomesd").checked && !$("tomesd-field").hidden) body.tomesd = "yes";
+  if ($("self_attention").checked && !$("self_attention").disabled) body.self_attention = "yes";
   const upscale = fieldValue("upscale");
   if (upscale && !$("upscale-field").hidden) body.upscale = asNumber(upscale);
   if ($("safety_checker").checked && !$("safety_checker").disabled) body.safety_checker = "yes";
@@ -155,6 +158,10 @@ function applyConfig(config) {
   applyEmbeddings(config.embeddings || []);
   applyVaes(config.vaes || []);
   $("upscale-field").hidden = !(config.upscaler && config.upscaler.configured);
+  $("tomesd-field").hidden = !config.tomesd;
+  state.sagSchedulers = new Set(config.sag_schedulers || []);
+  $("scheduler").addEventListener("change", applySagScheduler);
+  applySagScheduler();
   applySafetyChecker(config.safety_checker || { configured: false });
   applyModels(config.models, config.default_model_id);
 }
@@ -166,6 +173,16 @@ function applyEmbeddings(embeddings) {
     "",
   );
   $("embeddings_model-field").hidden = embeddings.length === 0;
+}
+
+// SAG needs integer timesteps: the box is off for the schedulers that do not have them.
+function applySagScheduler() {
+  const supported = state.sagSchedulers.has($("scheduler").value);
+  $("self_attention").disabled = !supported;
+  if (!supported) $("self_attention").checked = false;
+  $("self_attention-hint").textContent = supported
+    ? "Sharper detail for one more UNet pass per step."
+    : "Not with this scheduler (it needs integer timesteps, e.g. DDIM or UniPC).";
 }
 
 function applyVaes(vaes) {
