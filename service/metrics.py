@@ -213,6 +213,19 @@ class Metrics:
             self.cost_to_serve.inc(cost, {"model": model})
 
     @_never_raises
+    def gpu_work_done(
+        self, stage: str, model: str, seconds: float, gpu_hour_price_usd: Decimal
+    ) -> None:
+        """Work on the generator's device after generation (safety check, upscaling): its stage
+        time, and its device time and cost, which a request's images cost to serve too."""
+        self.stage_duration.observe(seconds, {"stage": stage, "model": model})
+        if _positive(seconds):
+            self.gpu_seconds.inc(seconds, {"model": model})
+        cost = seconds / 3600 * float(gpu_hour_price_usd)
+        if _positive(cost):
+            self.cost_to_serve.inc(cost, {"model": model})
+
+    @_never_raises
     def images_done(self, model: str, resolution: str, images: int, seconds: float) -> None:
         """A request's images, decoded under step-level batching (admission to images)."""
         self.images.inc(images, {"model": model, "resolution": resolution})

@@ -212,7 +212,12 @@ class Generator:
             raise RuntimeError("upscale was asked for but this generator has no upscaler")
         started = time.perf_counter()
         output.images = self.upscaler.upscale(output.images, params.upscale)
-        self.metrics.stage("upscale", params.model_id, time.perf_counter() - started)
+        self.metrics.gpu_work_done(
+            "upscale",
+            params.model_id,
+            time.perf_counter() - started,
+            self.settings.gpu_hour_price_usd,
+        )
         return output
 
     def _check_safety(self, params: GenerationParams, output: GenerationOutput):
@@ -229,7 +234,12 @@ class Generator:
             for image, flagged in zip(output.images, flags, strict=True)
         ]
         output.extra["nsfw_flags"] = flags
-        self.metrics.stage("safety_check", params.model_id, time.perf_counter() - started)
+        self.metrics.gpu_work_done(
+            "safety_check",
+            params.model_id,
+            time.perf_counter() - started,
+            self.settings.gpu_hour_price_usd,
+        )
         self.metrics.safety_checked(params.model_id, sum(flags), len(flags) - sum(flags))
         return output
 

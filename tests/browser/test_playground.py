@@ -174,7 +174,9 @@ def test_an_embedding_a_vae_upscaling_and_the_safety_check(page, server, artifac
 
 def test_token_merging_and_self_attention_guidance_boxes(page, server):
     open_playground(page, server, server.demo_key)
-    fill_form(page, width=128, height=128, num_inference_steps=2, scheduler="EulerDiscreteScheduler")
+    fill_form(
+        page, width=128, height=128, num_inference_steps=2, scheduler="EulerDiscreteScheduler"
+    )
     # SAG needs integer timesteps: Euler has none, so its box is off
     assert page.is_disabled("#self_attention")
     assert "needs integer timesteps" in page.inner_text("#self_attention-hint")
