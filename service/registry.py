@@ -18,6 +18,8 @@ class ModelInfo:
     height: int
     default_steps: int
     prediction_type: str
+    native_width: int  # UNet sample size x VAE scale factor
+    native_height: int
 
 
 class ModelRegistry:
@@ -80,4 +82,6 @@ def _read_model_info(model_id: str, spec: ModelSpec) -> ModelInfo:
         height=spec.height or height * scale,
         default_steps=spec.default_steps or 30,
         prediction_type=scheduler.get("prediction_type", "epsilon"),
+        native_width=width * scale,
+        native_height=height * scale,
     )

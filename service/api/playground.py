@@ -45,6 +45,7 @@ FORM_FIELDS = (
     "vae",
     "upscale",
     "tomesd",
+    "highres_fix",
     "self_attention",
     "safety_checker",
 )

@@ -36,7 +36,6 @@ NOT_APPLIED_FIELDS = (
     "enhance_prompt",
     "multi_lingual",
     "panorama",
-    "highres_fix",
     "ip_adapter_id",
     "ip_adapter_scale",
     "ip_adapter_image",
@@ -339,6 +338,14 @@ class Text2ImgRequest(KeyedRequest):
         "the request is served without it and `meta.not_applied` says so.",
         json_schema_extra={"default": False},
     )
+    highres_fix: Toggle = Field(
+        None,
+        description='"yes": for sizes above the model\'s native pixel count, a first pass at '
+        "that count and the same aspect ratio, then its latents upscaled to the requested size "
+        "and 60 % of the schedule denoised again: no repeated subjects at large sizes. At or "
+        "below the native size there is nothing to fix, and `meta.not_applied` says so.",
+        json_schema_extra={"default": False},
+    )
     upscale: UpscaleFactor = Field(
         None,
         description='"yes" (2x), or a factor of 2, 3 or 4: the images are upscaled by the '
@@ -522,6 +529,9 @@ class Text2ImgRequest(KeyedRequest):
         if problems:
             raise RequestError("; ".join(problems))
 
+        above_native = model is not None and (
+            sizes["width"] * sizes["height"] > model.native_width * model.native_height
+        )
         params = GenerationParams(
             prompt=prompt,
             negative_prompt=(self.negative_prompt or "").strip(),
@@ -544,12 +554,18 @@ class Text2ImgRequest(KeyedRequest):
             upscale=(self.upscale or 1) if settings.upscaler else 1,
             tomesd=bool(self.tomesd) and settings.tomesd_ratio > 0,
             self_attention=bool(self.self_attention) and scheduler in SAG_SCHEDULERS,
+            highres_fix=bool(self.highres_fix) and above_native,
         )
         not_applied = [
             name for name in NOT_APPLIED_FIELDS if _is_set((self.model_extra or {}).get(name))
         ]
         if self.safety_checker and not check:
             not_applied.append("safety_checker (no safety checker model is configured)")
+        if self.highres_fix and not above_native and model is not None:
+            not_applied.append(
+                f"highres_fix ({sizes['width']}x{sizes['height']} is not above the model's "
+                f"native {model.native_width}x{model.native_height})"
+            )
         if self.self_attention and scheduler not in SAG_SCHEDULERS:
             not_applied.append(
                 f"self_attention (needs a scheduler with integer timesteps, not {scheduler})"

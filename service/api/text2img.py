@@ -284,6 +284,7 @@ class ImageService:
             "upscale": params.upscale if params.upscale > 1 else "no",
             "tomesd": "yes" if params.tomesd else "no",
             "self_attention": "yes" if params.self_attention else "no",
+            "highres_fix": "yes" if params.highres_fix else "no",
             "safety_checker": "yes" if params.safety_checker else "no",
             "safety_checker_type": params.safety_checker_type if params.safety_checker else None,
             "base64": "yes" if options["base64"] else "no",

@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -52,11 +53,28 @@ ADMISSION_ORDERS = ("oldest_first", "round_robin")
 """How the loop picks the shape bucket to step next (see the module docstring)."""
 
 
-def bucket_key(params: GenerationParams) -> tuple:
+class BucketKey(NamedTuple):
+    model_id: str
+    loras: tuple
+    width: int
+    height: int
+    tomesd: bool
+    highres_fix: bool
+
+
+def bucket_key(params: GenerationParams) -> BucketKey:
     """Requests with equal keys can share a UNet forward, whatever their step, step count,
     scheduler, guidance or prompt: same weights (model + LoRA set), same latent shape and the
-    same attention (with or without token merging)."""
-    return (params.model_id, params.loras, params.width, params.height, params.tomesd)
+    same attention (with or without token merging). A highres-fix request's two passes have
+    two shapes: the engine runs one forward per shape."""
+    return BucketKey(
+        params.model_id,
+        params.loras,
+        params.width,
+        params.height,
+        params.tomesd,
+        params.highres_fix,
+    )
 
 
 @dataclass(eq=False)
@@ -79,7 +97,7 @@ class Ticket:
 
 @dataclass(eq=False)
 class _Bucket:
-    key: tuple
+    key: BucketKey
     waiting: deque[Ticket] = field(default_factory=deque)
     running: list[Ticket] = field(default_factory=list)
 
@@ -142,9 +160,9 @@ class ContinuousBatcher:
         self.clock = clock
         self.on_step = on_step
         self._work = threading.Condition()  # guards the buckets; notified on submit
-        self._buckets: dict[tuple, _Bucket] = {}  # insertion order is the round-robin order
+        self._buckets: dict[BucketKey, _Bucket] = {}  # insertion order is the round-robin order
         self._sequence = itertools.count()
-        self._last_key: tuple | None = None
+        self._last_key: BucketKey | None = None
         # the engine: one step at a time, or a warm-up / unload in between (`exclusive`)
         self._engine_lock = threading.RLock()
         self._active_loras: tuple[weakref.ref, tuple] | None = None
@@ -213,8 +231,8 @@ class ContinuousBatcher:
             if bucket is None:
                 return None
             admitted = self._admit(bucket)
-        model_id, _, width, height, _ = bucket.key
-        report = StepReport(model_id, width, height)
+        key = bucket.key
+        report = StepReport(key.model_id, key.width, key.height)
         with self._engine_lock, torch.inference_mode():
             started = self.clock()
             try:
@@ -282,10 +300,9 @@ class ContinuousBatcher:
         return admitted
 
     def _step_bucket(self, bucket: _Bucket, admitted: list[Ticket], report: StepReport) -> None:
-        model_id, loras, _, _, _ = bucket.key
         try:
-            pipe = self.engine.load(model_id)
-            self._activate_loras(pipe, loras)
+            pipe = self.engine.load(bucket.key.model_id)
+            self._activate_loras(pipe, bucket.key.loras)
         except Exception as exc:
             self._fail_running(bucket, exc, report)
             return

@@ -33,6 +33,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from service.engine.highres import first_pass_size, second_pass_start
 from service.engine.optimize import OptimizationConfig, apply_optimizations, runner_for
 from service.engine.protocol import GenerationOutput, GenerationParams
 from service.engine.schedulers import build_scheduler, validate_scheduler_options
@@ -87,6 +88,10 @@ class RequestState:
     step_kwargs: dict = field(default_factory=dict)
     step: int = 0
     prompt_truncated: bool = False
+    # (width, height) of the pass being denoised, and of a second pass still to come (highres
+    # fix: service/engine/highres.py)
+    size: tuple[int, int] = (0, 0)
+    second_pass_size: tuple[int, int] | None = None
 
     @property
     def samples(self) -> int:
@@ -305,15 +310,13 @@ class Engine:
     ) -> list[RequestState]:
         """Turn requests into states ready for their first denoising step."""
         prompts = self.encode_prompts(pipe, batch)
+        native = self.default_size(batch[0].model_id)
         states = []
         for params, (cond, uncond, truncated) in zip(batch, prompts, strict=True):
-            scheduler = build_scheduler(
-                pipe.scheduler.config,
-                params.scheduler,
-                params.use_karras_sigmas,
-                params.algorithm_type,
-            )
-            scheduler.set_timesteps(params.num_inference_steps, device=self.device)
+            scheduler = self._scheduler(pipe, params)
+            first_pass = None
+            if params.highres_fix:
+                first_pass = first_pass_size(params.width, params.height, *native)
             generators = [
                 torch.Generator(self.generator_device).manual_seed(params.seed + i)
                 for i in range(params.samples)
@@ -334,10 +337,42 @@ class Engine:
                     uncond_embeds=None if uncond is None else uncond.expand(params.samples, -1, -1),
                     step_kwargs=step_kwargs,
                     prompt_truncated=truncated,
+                    size=first_pass or (params.width, params.height),
+                    second_pass_size=(params.width, params.height) if first_pass else None,
                 )
             )
         self.prepare_latents(pipe, states)
         return states
+
+    def _scheduler(self, pipe: StableDiffusionPipeline, params: GenerationParams):
+        scheduler = build_scheduler(
+            pipe.scheduler.config,
+            params.scheduler,
+            params.use_karras_sigmas,
+            params.algorithm_type,
+        )
+        scheduler.set_timesteps(params.num_inference_steps, device=self.device)
+        return scheduler
+
+    def _start_second_pass(self, pipe: StableDiffusionPipeline, state: RequestState) -> None:
+        """Highres fix: the first pass's latents upscaled to the requested size and noised back
+        to part-way through a fresh schedule, which the following steps denoise."""
+        width, height = state.second_pass_size
+        scale = pipe.vae_scale_factor
+        latents = torch.nn.functional.interpolate(
+            state.latents, size=(height // scale, width // scale), mode="bicubic"
+        )
+        scheduler = self._scheduler(pipe, state.params)
+        start = second_pass_start(state.params.num_inference_steps) * scheduler.order
+        timesteps = scheduler.timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        noise = randn_tensor(
+            latents.shape, generator=state.generators, device=self.device, dtype=latents.dtype
+        )
+        state.latents = scheduler.add_noise(latents, noise, timesteps[:1])
+        state.scheduler, state.timesteps, state.step = scheduler, timesteps, 0
+        state.size, state.second_pass_size = (width, height), None
 
     def activate_embeddings(
         self, pipe: StableDiffusionPipeline, names: tuple[str, ...]
@@ -437,12 +472,8 @@ class Engine:
         """Draw each image's initial noise from its own generator, scaled for its scheduler."""
         scale = pipe.vae_scale_factor
         for state in states:
-            shape = (
-                state.samples,
-                pipe.unet.config.in_channels,
-                state.params.height // scale,
-                state.params.width // scale,
-            )
+            width, height = state.size
+            shape = (state.samples, pipe.unet.config.in_channels, height // scale, width // scale)
             noise = randn_tensor(
                 shape, generator=state.generators, device=self.device, dtype=self.latent_dtype
             )
@@ -452,8 +483,16 @@ class Engine:
         """Advance every request by one step: one UNet forward over all images of all requests.
 
         Rows are [unconditional rows of the CFG requests] + [conditional rows of all requests],
-        each with its own timestep, so requests could even be at different steps.
+        each with its own timestep, so requests could even be at different steps. Requests in
+        passes of different sizes (highres fix) take one forward per size.
         """
+        by_size: dict[tuple[int, int], list[RequestState]] = {}
+        for state in states:
+            by_size.setdefault(state.size, []).append(state)
+        if len(by_size) > 1:
+            for group in by_size.values():
+                self.denoise_step(pipe, group)
+            return
         inputs, timesteps = [], []
         for state in states:
             t = state.timesteps[state.step]
@@ -515,6 +554,8 @@ class Engine:
                 state_noise, t, state.latents, **state.step_kwargs, return_dict=False
             )[0]
             state.step += 1
+            if state.done and state.second_pass_size is not None:
+                self._start_second_pass(pipe, state)
 
     def _self_attention_guidance(
         self,

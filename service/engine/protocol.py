@@ -59,6 +59,10 @@ class GenerationParams:
     # per step over this request's degraded latents; the shared forward is unchanged, so it is
     # not part of the batch key.
     self_attention: bool = False
+    # Highres fix: a first pass at the model's native pixel count, then the latents upscaled
+    # to the requested size and partly re-denoised (service/engine/highres.py). Its first
+    # pass has another latent shape, so it is part of the batch key.
+    highres_fix: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerationParams:
@@ -79,6 +83,7 @@ class GenerationParams:
             self.algorithm_type,
             self.loras,  # adapters change the UNet: different sets never share a call
             self.tomesd,
+            self.highres_fix,
         )
 
 

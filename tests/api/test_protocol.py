@@ -10,8 +10,8 @@ from service.config import Settings
 from service.registry import ModelInfo
 
 SIZES = {
-    "stable-diffu": ModelInfo("stable-diffu", Path("m"), 768, 768, 30, "v_prediction"),
-    "other": ModelInfo("other", Path("o"), 512, 512, 20, "epsilon"),
+    "stable-diffu": ModelInfo("stable-diffu", Path("m"), 768, 768, 30, "v_prediction", 768, 768),
+    "other": ModelInfo("other", Path("o"), 512, 512, 20, "epsilon", 512, 512),
 }
 LORAS = ("style", "detail")
 
@@ -265,3 +265,15 @@ def test_self_attention_applies_with_integer_timestep_schedulers_only():
     assert options["not_applied"] == [
         "self_attention (needs a scheduler with integer timesteps, not EulerDiscreteScheduler)"
     ]
+
+
+def test_highres_fix_applies_above_the_native_pixel_count():
+    fixed, options = params(highres_fix="yes", width=1024, height=1024)
+    assert fixed.highres_fix and options["not_applied"] == []
+    assert fixed.batch_key() != params(width=1024, height=1024)[0].batch_key()
+    native, options = params(highres_fix="yes", width=768, height=768)
+    assert not native.highres_fix
+    assert options["not_applied"] == [
+        "highres_fix (768x768 is not above the model's native 768x768)"
+    ]
+    assert params(model_id="other", highres_fix="yes", width=512, height=640)[0].highres_fix

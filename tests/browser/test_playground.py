@@ -172,7 +172,7 @@ def test_an_embedding_a_vae_upscaling_and_the_safety_check(page, server, artifac
     assert not page.is_visible("#nsfw-note")
 
 
-def test_token_merging_and_self_attention_guidance_boxes(page, server):
+def test_token_merging_highres_fix_and_self_attention_guidance_boxes(page, server):
     open_playground(page, server, server.demo_key)
     fill_form(
         page, width=128, height=128, num_inference_steps=2, scheduler="EulerDiscreteScheduler"
@@ -184,8 +184,10 @@ def test_token_merging_and_self_attention_guidance_boxes(page, server):
     assert not page.is_disabled("#self_attention")
     page.check("#self_attention")
     page.check("#tomesd")
+    page.check("#highres_fix")
     code = page.inner_text("#code-snippet")
     assert '"self_attention": "yes"' in code and '"tomesd": "yes"' in code
+    assert '"highres_fix": "yes"' in code  # 128 px: served directly, nothing to fix
     page.click("#generate")
     images = loaded_images(page, 1)
     assert (images[0]["w"], images[0]["h"]) == (128, 128)

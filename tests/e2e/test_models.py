@@ -263,3 +263,18 @@ def test_self_attention_guidance_and_token_merging_through_serve(fleet):
     assert not np.array_equal(pixels(guided), pixels(plain))
     assert not np.array_equal(pixels(merged), pixels(plain))
     assert np.array_equal(pixels(tower(self_attention="yes")), pixels(guided))
+
+
+def test_highres_fix_through_serve(fleet):
+    base_url, _ = fleet
+    path = "/api/v6/images/text2img"
+    body = dict(prompt="a harbour", width=832, height=832, num_inference_steps=2, seed=3)
+    fixed = call(base_url, path, highres_fix="yes", **body)
+    assert fixed["status"] == "success" and fixed["meta"]["highres_fix"] == "yes"
+    image = Image.open(io.BytesIO(requests.get(fixed["output"][0]).content))
+    assert image.size == (832, 832)
+    small = call(base_url, path, highres_fix="yes", prompt="x", **SMALL)
+    assert small["meta"]["highres_fix"] == "no"
+    assert small["meta"]["not_applied"] == [
+        "highres_fix (64x64 is not above the model's native 768x768)"
+    ]

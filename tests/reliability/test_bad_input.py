@@ -250,7 +250,7 @@ WRONG_VALUES = {
 NUMBER_FIELDS = {"width", "height", "samples", "num_inference_steps", "guidance_scale", "seed"}
 NUMBER_FIELDS |= {"clip_skip"}
 TOGGLE_FIELDS = {"use_karras_sigmas", "safety_checker", "base64", "temp", "instant_response"}
-TOGGLE_FIELDS |= {"tomesd", "self_attention"}
+TOGGLE_FIELDS |= {"tomesd", "self_attention", "highres_fix"}
 TOGGLE_FIELDS |= {"upscale"}  # "yes" or a factor
 
 

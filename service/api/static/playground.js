@@ -92,6 +92,7 @@ function requestBody() {
   const vae = fieldValue("vae");
   if (vae) body.vae = vae;
   if ($("tomesd").checked && !$("tomesd-field").hidden) body.tomesd = "yes";
+  if ($("highres_fix").checked) body.highres_fix = "yes";
   if ($("self_attention").checked && !$("self_attention").disabled) body.self_attention = "yes";
   const upscale = fieldValue("upscale");
   if (upscale && !$("upscale-field").hidden) body.upscale = asNumber(upscale);
