@@ -192,11 +192,7 @@ class Metrics:
     ) -> None:
         self.batch_size.observe(images, {"model": model})
         self.images.inc(images, {"model": model, "resolution": resolution})
-        if _positive(seconds):
-            self.gpu_seconds.inc(seconds, {"model": model})
-        cost = seconds / 3600 * float(gpu_hour_price_usd)
-        if _positive(cost):
-            self.cost_to_serve.inc(cost, {"model": model})
+        self._device_time(model, seconds, gpu_hour_price_usd)
         self.stage_duration.observe(seconds, {"stage": "inference", "model": model})
 
     @_never_raises
@@ -206,11 +202,7 @@ class Metrics:
         """One iteration of step-level batching: its UNet batch (images) and its time."""
         if images:
             self.batch_size.observe(images, {"model": model})
-        if _positive(seconds):
-            self.gpu_seconds.inc(seconds, {"model": model})
-        cost = seconds / 3600 * float(gpu_hour_price_usd)
-        if _positive(cost):
-            self.cost_to_serve.inc(cost, {"model": model})
+        self._device_time(model, seconds, gpu_hour_price_usd)
 
     @_never_raises
     def gpu_work_done(
@@ -219,6 +211,9 @@ class Metrics:
         """Work on the generator's device after generation (safety check, upscaling): its stage
         time, and its device time and cost, which a request's images cost to serve too."""
         self.stage_duration.observe(seconds, {"stage": stage, "model": model})
+        self._device_time(model, seconds, gpu_hour_price_usd)
+
+    def _device_time(self, model: str, seconds: float, gpu_hour_price_usd: Decimal) -> None:
         if _positive(seconds):
             self.gpu_seconds.inc(seconds, {"model": model})
         cost = seconds / 3600 * float(gpu_hour_price_usd)

@@ -66,14 +66,18 @@ def call(base_url, path, key=DEMO_API_KEY, **body):
     return response.json()
 
 
-def generate(base_url, **fields):
-    return call(base_url, "/api/v6/images/text2img", prompt="a tower", seed=7, **SMALL, **fields)
+def generate(base_url, prompt="a tower", seed=7, **fields):
+    body = {**SMALL, **fields}
+    return call(base_url, "/api/v6/images/text2img", prompt=prompt, seed=seed, **body)
+
+
+def fetch_image(body) -> Image.Image:
+    assert body["status"] == "success", body
+    return Image.open(io.BytesIO(requests.get(body["output"][0], timeout=30).content))
 
 
 def pixels(body) -> np.ndarray:
-    assert body["status"] == "success", body
-    data = requests.get(body["output"][0], timeout=30).content
-    return np.asarray(Image.open(io.BytesIO(data)))
+    return np.asarray(fetch_image(body))
 
 
 def test_model_list_reads_the_registry(fleet):
@@ -177,13 +181,8 @@ def test_an_embedding_changes_only_the_requests_that_name_it(fleet):
     models = call(base_url, "/api/v4/dreambooth/model_list")
     assert all(entry["embeddings"] == ["moody"] for entry in models)
 
-    def pixels(body):
-        assert body["status"] == "success", body
-        return np.asarray(Image.open(io.BytesIO(requests.get(body["output"][0]).content)))
-
     def tower(**fields):
-        path = "/api/v6/images/text2img"
-        return call(base_url, path, prompt="a moody tower", seed=7, **SMALL, **fields)
+        return generate(base_url, prompt="a moody tower", **fields)
 
     plain = pixels(tower())
     named = tower(embeddings_model="moody")
@@ -205,17 +204,9 @@ def test_a_custom_vae_decodes_only_the_requests_that_name_it(fleet):
     models = call(base_url, "/api/v4/dreambooth/model_list")
     assert all(entry["vaes"] == ["crisp"] for entry in models)
 
-    def pixels(body):
-        assert body["status"] == "success", body
-        return np.asarray(Image.open(io.BytesIO(requests.get(body["output"][0]).content)))
-
-    def tower(**fields):
-        path = "/api/v6/images/text2img"
-        return call(base_url, path, prompt="a tower", seed=7, **SMALL, **fields)
-
-    plain = tower(vae="default")
+    plain = generate(base_url, vae="default")
     assert plain["meta"]["vae"] is None
-    crisp = tower(vae="crisp")
+    crisp = generate(base_url, vae="crisp")
     assert crisp["meta"]["vae"] == "crisp" and "vae" not in crisp["meta"]["not_applied"]
     assert not np.array_equal(pixels(crisp), pixels(plain))
 
@@ -227,20 +218,15 @@ def test_a_custom_vae_decodes_only_the_requests_that_name_it(fleet):
 def test_upscale_gives_images_the_factor_times_larger(fleet):
     base_url, _ = fleet
 
-    def size(body):
-        assert body["status"] == "success", body
-        return Image.open(io.BytesIO(requests.get(body["output"][0]).content)).size
-
-    path = "/api/v6/images/text2img"
-    doubled = call(base_url, path, prompt="a tower", upscale="yes", **SMALL)
-    assert doubled["meta"]["upscale"] == 2 and size(doubled) == (128, 128)
+    doubled = generate(base_url, upscale="yes")
+    assert doubled["meta"]["upscale"] == 2 and fetch_image(doubled).size == (128, 128)
     # the network is x2: a factor of 3 is resized from its output
-    tripled = call(base_url, path, prompt="a tower", upscale=3, samples=2, **SMALL)
-    assert tripled["meta"]["upscale"] == 3 and size(tripled) == (192, 192)
+    tripled = generate(base_url, upscale=3, samples=2)
+    assert tripled["meta"]["upscale"] == 3 and fetch_image(tripled).size == (192, 192)
     assert len(tripled["output"]) == 2
-    plain = call(base_url, path, prompt="a tower", upscale="no", **SMALL)
-    assert plain["meta"]["upscale"] == "no" and size(plain) == (64, 64)
-    refused = call(base_url, path, prompt="a tower", upscale="8x", **SMALL)
+    plain = generate(base_url, upscale="no")
+    assert plain["meta"]["upscale"] == "no" and fetch_image(plain).size == (64, 64)
+    refused = generate(base_url, upscale="8x")
     assert refused["status"] == "error"
     assert refused["message"].startswith("upscale must be")
 
@@ -248,13 +234,8 @@ def test_upscale_gives_images_the_factor_times_larger(fleet):
 def test_self_attention_guidance_and_token_merging_through_serve(fleet):
     base_url, _ = fleet
 
-    def pixels(body):
-        assert body["status"] == "success", body
-        return np.asarray(Image.open(io.BytesIO(requests.get(body["output"][0]).content)))
-
     def tower(**fields):
-        path = "/api/v6/images/text2img"
-        return call(base_url, path, prompt="a tower", seed=11, scheduler="DDIM", **SMALL, **fields)
+        return generate(base_url, seed=11, scheduler="DDIM", **fields)
 
     plain = tower()
     guided = tower(self_attention="yes")
@@ -271,8 +252,7 @@ def test_highres_fix_through_serve(fleet):
     body = dict(prompt="a harbour", width=832, height=832, num_inference_steps=2, seed=3)
     fixed = call(base_url, path, highres_fix="yes", **body)
     assert fixed["status"] == "success" and fixed["meta"]["highres_fix"] == "yes"
-    image = Image.open(io.BytesIO(requests.get(fixed["output"][0]).content))
-    assert image.size == (832, 832)
+    assert fetch_image(fixed).size == (832, 832)
     small = call(base_url, path, highres_fix="yes", prompt="x", **SMALL)
     assert small["meta"]["highres_fix"] == "no"
     assert small["meta"]["not_applied"] == [
