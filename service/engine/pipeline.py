@@ -195,6 +195,7 @@ class Engine:
         pipe = self._pipes.pop(model_id, None)
         if pipe is None:
             return False
+        self.vaes.forget(model_id)
         del pipe
         gc.collect()
         if self.device.type == "cuda":

@@ -63,6 +63,12 @@ class VaeLibrary:
                 self._loaded.popitem(last=False)
         return vae
 
+    def forget(self, model_id: str) -> None:
+        """Drop the VAEs loaded for `model_id` (its pipeline was unloaded)."""
+        with self._lock:
+            for key in [key for key in self._loaded if key[1] == model_id]:
+                del self._loaded[key]
+
     def loaded(self) -> list[tuple[str, str]]:
         """(vae id, model id) pairs held, least recently used first."""
         with self._lock:

@@ -133,3 +133,14 @@ def test_the_folder_lists_vae_folders_and_files_by_name(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert sorted(Settings(vae_dir=str(tmp_path)).vae_paths()) == ["file", "folder"]
     assert Settings().vae_paths() == {}
+
+
+def test_a_models_vaes_are_dropped_with_it(tiny_model_dir, tmp_path):
+    vae = build_tiny_vae(tiny_model_dir, tmp_path / "crisp", seed=3)
+    engine = Engine({"a": tiny_model_dir, "b": tiny_model_dir}, vaes={"crisp": vae})
+    for model_id in ("a", "b"):
+        engine.generate([request("crisp", model_id=model_id)])
+    assert engine.vaes.loaded() == [("crisp", "a"), ("crisp", "b")]
+    engine.unload("a")
+    assert engine.vaes.loaded() == [("crisp", "b")]
+
