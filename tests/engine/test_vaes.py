@@ -143,4 +143,3 @@ def test_a_models_vaes_are_dropped_with_it(tiny_model_dir, tmp_path):
     assert engine.vaes.loaded() == [("crisp", "a"), ("crisp", "b")]
     engine.unload("a")
     assert engine.vaes.loaded() == [("crisp", "b")]
-
