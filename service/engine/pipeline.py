@@ -311,12 +311,12 @@ class Engine:
     ) -> list[RequestState]:
         """Turn requests into states ready for their first denoising step."""
         prompts = self.encode_prompts(pipe, batch)
-        native = self.default_size(batch[0].model_id)
         states = []
         for params, (cond, uncond, truncated) in zip(batch, prompts, strict=True):
             scheduler = self._scheduler(pipe, params)
             first_pass = None
             if params.highres_fix:
+                native = self.default_size(params.model_id)
                 first_pass = first_pass_size(params.width, params.height, *native)
             generators = [
                 torch.Generator(self.generator_device).manual_seed(params.seed + i)
@@ -518,10 +518,7 @@ class Engine:
             capture = AttentionCapture(pipe.unet, rows)
             hooks.append(capture.installed())
         all_timesteps = torch.cat([timesteps[i] for i in cfg] + timesteps).to(self.device)
-        # every state has the same `tomesd`: it is in the batch key
-        if states[0].params.tomesd:
-            latent_size = tuple(inputs[0].shape[-2:])
-            hooks.append(self._token_merging().applied(pipe.unet, latent_size, all_timesteps))
+        hooks += self._merging_hooks(pipe, states, inputs[0], all_timesteps)
 
         # The runner (service/engine/optimize.py) calls the stock, compiled or graphed UNet;
         # with hooks (token merging, SAG's attention capture) it runs the eager one.
@@ -583,28 +580,30 @@ class Engine:
             embeds.append(uncond if uncond is not None else state.cond_embeds)
             times.append(t.float().reshape(1).expand(state.samples))
             sources.append(source)
-        hooks = []
-        if states[0].params.tomesd:
-            hooks.append(
-                self._token_merging().applied(
-                    pipe.unet, tuple(degraded[0].shape[-2:]), torch.cat(times)
-                )
-            )
+        all_times = torch.cat(times).to(self.device)
         predicted = runner_for(pipe).unet(
             torch.cat(degraded),
-            torch.cat(times).to(self.device),
+            all_times,
             torch.cat(embeds),
-            hooks=hooks,
+            hooks=self._merging_hooks(pipe, states, degraded[0], all_times),
         )
         for (i, _), source, rows in zip(
             sag.items(), sources, predicted.split([states[i].samples for i in sag]), strict=True
         ):
             noise[i] = noise[i] + SAG_SCALE * (source - rows)
 
-    def _token_merging(self) -> TokenMerging:
-        if self.token_merging is None:
-            raise ValueError("tomesd: token merging is off on this engine")
-        return self.token_merging
+    def _merging_hooks(
+        self,
+        pipe: StableDiffusionPipeline,
+        states: list[RequestState],
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> list:
+        """Token merging's hooks for a UNet call over `states` (all share `tomesd`: it is in
+        the batch key), or none; `_check_batch` refused `tomesd` on an engine without it."""
+        if not states[0].params.tomesd or self.token_merging is None:
+            return []
+        return [self.token_merging.applied(pipe.unet, tuple(sample.shape[-2:]), timesteps)]
 
     def decode_states(
         self, pipe: StableDiffusionPipeline, states: list[RequestState]
