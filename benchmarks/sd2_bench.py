@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout (the
     sys.path.insert(0, str(ROOT))
 
 import numpy as np
+import sd2_tuning
 import torch
 
 MODEL_ID = "sd2-bench"
@@ -77,6 +78,9 @@ SUITES: dict[str, dict] = {
             "ablation",
             "matrix",
             "tomesd",
+            "phases",
+            "attention",
+            "variants",
         ],
     },
     # The committed CPU figures: the tiny model at its own size, a few batch sizes.
@@ -110,15 +114,26 @@ SUITES: dict[str, dict] = {
             "tomesd",
         ],
     },
-    # A second GPU call: the rest of the matrix (768/512 × 50/25 steps × batch 1-16).
-    "gpu-rest": {
-        "sizes": [768, 512],
-        "steps": [50, 25],
-        "batches": [1, 2, 4, 8, 16],
-        "primary": [(768, 25, 1), (768, 25, 16), (512, 50, 1), (512, 50, 16)],
+    # A second GPU call (~8 min): where the time goes and which further switches pay
+    # (sd2_tuning.py); stock at batch 16 last, for this run's own speedup, if time is left.
+    "gpu-tune": {
+        "sizes": [768],
+        "steps": [50],
+        "batches": [1, 16],
+        "primary": [(768, 50, 1)],
         "repeats": 2,
         "budget_s": 470.0,
-        "sections": ["peak", "flops", "cold_start", "primary", "matrix"],
+        "sections": [
+            "peak",
+            "flops",
+            "cold_start",
+            "primary",
+            "phases",
+            "attention",
+            "variants",
+            "check",
+            "matrix",
+        ],
     },
 }
 
@@ -314,6 +329,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.kit = sys.modules[__name__]  # this module's helpers, for sd2_tuning's sections
         self.device = args.device
         self.started = time.perf_counter()
         self.workdir = Path(tempfile.mkdtemp(prefix="sdserve-bench-"))
@@ -481,6 +497,18 @@ class Bench:
         """Token merging (tomesd): UNet forward time with and without it, and how much the
         noise prediction moves, at each size."""
         self.result["tomesd"] = tomesd_bench(self)
+
+    def section_phases(self) -> None:
+        """Encode / denoise / decode apart, time per step outside the UNet, syncs per step."""
+        self.result["phases"] = sd2_tuning.phases(self)
+
+    def section_attention(self) -> None:
+        """Each SDPA kernel (flash, memory-efficient, cuDNN) at SD2's attention shapes."""
+        self.result["attention"] = sd2_tuning.attention(self)
+
+    def section_variants(self) -> None:
+        """The whole optimized pipeline with one switch changed at a time, then the winners."""
+        self.result["variants"] = sd2_tuning.variants(self)
 
     def section_kernel(self) -> None:
         """GroupNorm+SiLU: Triton against eager torch (and Inductor on a GPU), SD2's shapes."""

@@ -88,6 +88,15 @@ class Settings(BaseSettings):
     )
     cuda_graphs: bool = Field(True, description="Replay the UNet as CUDA graphs per batch bucket.")
     triton_kernels: bool = Field(True, description="Fused GroupNorm+SiLU Triton kernel.")
+    channels_last: bool = Field(True, description="NHWC convolutions in the UNet and VAE.")
+    compile_vae: bool = Field(
+        False, description="torch.compile the VAE decoder too (one compile per decode shape)."
+    )
+    inductor_tuning: bool = Field(
+        False,
+        description="Compile the UNet with 1x1 convolutions as matmuls and coordinate-descent "
+        "kernel tuning (a longer compile; benchmarks/sd2_tuning.py measures the gain).",
+    )
     attention: Literal["sdpa", "flash", "efficient", "cudnn", "math", "classic"] = Field(
         "sdpa", description="'sdpa' lets torch pick the kernel; the others pin one."
     )
@@ -273,6 +282,9 @@ class Settings(BaseSettings):
             "compile_cache_dir": self.compile_cache_dir,
             "cuda_graphs": self.cuda_graphs,
             "triton_kernels": self.triton_kernels,
+            "channels_last": self.channels_last,
+            "compile_vae": self.compile_vae,
+            "inductor_tuning": self.inductor_tuning,
             "attention": self.attention,
             "batch_buckets": tuple(self.batch_buckets),
             "max_compiled_sizes": self.max_compiled_sizes,

@@ -42,6 +42,15 @@ ATTENTION_CHOICES = ("sdpa", "flash", "efficient", "cudnn", "math", "classic")
 `classic`: diffusers' explicit softmax(QKᵀ)V (a baseline, upcast to fp32 in fp16)."""
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+# Inductor settings the diffusers/PyTorch write-ups on fast SD inference compile with: 1x1
+# convolutions as matmuls, and coordinate-descent tuning of the generated kernels' block sizes
+# (a longer compile). Applied only while the UNet compiles, never process-wide.
+INDUCTOR_TUNING = {
+    "conv_1x1_as_mm": True,
+    "coordinate_descent_tuning": True,
+    "coordinate_descent_check_all_directions": True,
+    "epilogue_fusion": False,
+}
 RUNNER_ATTRIBUTE = "_sdserve_runner"
 
 
@@ -60,6 +69,7 @@ class OptimizationConfig:
     triton_kernels: bool = True  # GroupNorm+SiLU (+ time-embedding add) as one Triton op
     compile: bool = True  # torch.compile (Inductor) the UNet
     compile_mode: str = "default"
+    inductor_tuning: bool = False  # INDUCTOR_TUNING while the UNet compiles
     compile_backend: str = "inductor"  # tests use "eager" (dynamo only, no codegen)
     compile_vae: bool = False  # the VAE decoder too (per decode shape; ~2.6 % of the FLOPs)
     compile_cache_dir: str | None = None  # persistent Inductor + Triton cache: fast warm starts
@@ -439,12 +449,14 @@ class PipelineRunner:
             return self._eager
         if self._compiled is None:
             # Enough cache entries for one compile per (bucket, size), should the batch
-            # dimension not stay dynamic; the padding keeps it at that bound.
+            # dimension not stay dynamic; the padding keeps it at that bound. The entries live
+            # on the shared code of `_eager_for_compile`, so every runner (another model, a
+            # reloaded one) adds its own share rather than hitting the limit and silently
+            # running eager.
             config = torch._dynamo.config
             needed = len(self.config.batch_buckets) * self.config.max_compiled_sizes + 2
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(config, name):
-                    setattr(config, name, max(getattr(config, name), needed))
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, name, getattr(config, name) + needed)
             self._compiled = torch.compile(
                 self._eager_for_compile,
                 backend=self.config.compile_backend,
@@ -462,7 +474,7 @@ class PipelineRunner:
         for tensor in (sample, timestep, encoder_hidden_states):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
         try:
-            with self._attention_context():
+            with self._attention_context(), self._inductor_settings():
                 return self._compiled(sample, timestep, encoder_hidden_states)
         except Exception as exc:  # a compiler failure must not take the replica down
             log.exception("torch.compile of the UNet failed; running it eager from now on")
@@ -524,6 +536,13 @@ class PipelineRunner:
 
         with sdpa_kernel(backends):
             yield
+
+    def _inductor_settings(self) -> contextlib.AbstractContextManager:
+        if not self.config.inductor_tuning:
+            return contextlib.nullcontext()
+        import torch._inductor.config
+
+        return torch._inductor.config.patch(INDUCTOR_TUNING)
 
     def _adapters_loaded(self) -> bool:
         """peft adapters on the UNet: graphs and fused projections would ignore them."""

@@ -81,7 +81,7 @@ class RequestState:
     params: GenerationParams
     scheduler: SchedulerMixin
     generators: list[torch.Generator]
-    timesteps: torch.Tensor
+    timesteps: torch.Tensor  # on the CPU, where the scheduler indexes its tables with them
     cond_embeds: torch.Tensor  # (samples, tokens, dim)
     uncond_embeds: torch.Tensor | None  # None without CFG
     latents: torch.Tensor | None = None  # (samples, 4, height / 8, width / 8)
@@ -92,6 +92,9 @@ class RequestState:
     # fix: service/engine/highres.py)
     size: tuple[int, int] = (0, 0)
     second_pass_size: tuple[int, int] | None = None
+    # `timesteps` as the UNet takes them (float, on the engine's device), copied once per pass
+    # so that a step reads its timestep without a host-to-device copy
+    unet_timesteps: torch.Tensor | None = None
 
     @property
     def samples(self) -> int:
@@ -340,6 +343,7 @@ class Engine:
                     prompt_truncated=truncated,
                     size=first_pass or (params.width, params.height),
                     second_pass_size=(params.width, params.height) if first_pass else None,
+                    unet_timesteps=self._unet_timesteps(scheduler.timesteps),
                 )
             )
         self.prepare_latents(pipe, states)
@@ -352,8 +356,14 @@ class Engine:
             params.use_karras_sigmas,
             params.algorithm_type,
         )
-        scheduler.set_timesteps(params.num_inference_steps, device=self.device)
+        # Timesteps stay on the CPU: a scheduler that indexes its tables with a device tensor
+        # (or compares one in an `if`, as DDIM does) waits for the device every step, which
+        # leaves the GPU idle while Python prepares the next step.
+        scheduler.set_timesteps(params.num_inference_steps, device="cpu")
         return scheduler
+
+    def _unet_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timesteps.to(self.device, torch.float32)
 
     def _start_second_pass(self, pipe: StableDiffusionPipeline, state: RequestState) -> None:
         """Highres fix: the first pass's latents upscaled to the requested size and noised back
@@ -373,6 +383,7 @@ class Engine:
         )
         state.latents = scheduler.add_noise(latents, noise, timesteps[:1])
         state.scheduler, state.timesteps, state.step = scheduler, timesteps, 0
+        state.unet_timesteps = self._unet_timesteps(timesteps)
         state.size, state.second_pass_size = (width, height), None
 
     def activate_embeddings(
@@ -494,11 +505,12 @@ class Engine:
             for group in by_size.values():
                 self.denoise_step(pipe, group)
             return
-        inputs, timesteps = [], []
+        inputs, timesteps, cpu_timesteps = [], [], []
         for state in states:
             t = state.timesteps[state.step]
             inputs.append(state.scheduler.scale_model_input(state.latents, t))
-            timesteps.append(t.float().reshape(1).expand(state.samples))
+            timesteps.append(state.unet_timesteps[state.step].reshape(1).expand(state.samples))
+            cpu_timesteps.append(t.float().reshape(1).expand(state.samples))
         cfg = [i for i, state in enumerate(states) if state.uncond_embeds is not None]
         n_uncond = sum(states[i].samples for i in cfg)
         # first row of each request's unconditional rows (CFG only) and of its conditional ones
@@ -517,8 +529,10 @@ class Engine:
             rows = [r for i, first in sag.items() for r in range(first, first + states[i].samples)]
             capture = AttentionCapture(pipe.unet, rows)
             hooks.append(capture.installed())
-        all_timesteps = torch.cat([timesteps[i] for i in cfg] + timesteps).to(self.device)
-        hooks += self._merging_hooks(pipe, states, inputs[0], all_timesteps)
+        all_timesteps = torch.cat([timesteps[i] for i in cfg] + timesteps)
+        hooks += self._merging_hooks(
+            pipe, states, inputs[0], torch.cat([cpu_timesteps[i] for i in cfg] + cpu_timesteps)
+        )
 
         # The runner (service/engine/optimize.py) calls the stock, compiled or graphed UNet;
         # with hooks (token merging, SAG's attention capture) it runs the eager one.
@@ -532,17 +546,9 @@ class Engine:
         )
 
         noise = list(noise_pred[n_uncond:].split([state.samples for state in states]))
-        if cfg:
-            uncond = noise_pred[:n_uncond]
-            cond = torch.cat([noise[i] for i in cfg])
-            scale = torch.tensor(
-                [states[i].params.guidance_scale for i in cfg for _ in range(states[i].samples)],
-                device=self.device,
-                dtype=noise_pred.dtype,
-            )[:, None, None, None]
-            guided = uncond + scale * (cond - uncond)
-            for i, rows in zip(cfg, guided.split([states[i].samples for i in cfg]), strict=True):
-                noise[i] = rows
+        for i in cfg:  # a Python float per request: a scale tensor would be a copy to the device
+            uncond = noise_pred[uncond_start[i] : uncond_start[i] + states[i].samples]
+            noise[i] = uncond + states[i].params.guidance_scale * (noise[i] - uncond)
         if sag:
             self._self_attention_guidance(pipe, states, sag, noise, noise_pred, capture)
 
@@ -580,10 +586,10 @@ class Engine:
             embeds.append(uncond if uncond is not None else state.cond_embeds)
             times.append(t.float().reshape(1).expand(state.samples))
             sources.append(source)
-        all_times = torch.cat(times).to(self.device)
+        all_times = torch.cat(times)
         predicted = runner_for(pipe).unet(
             torch.cat(degraded),
-            all_times,
+            all_times.to(self.device),
             torch.cat(embeds),
             hooks=self._merging_hooks(pipe, states, degraded[0], all_times),
         )

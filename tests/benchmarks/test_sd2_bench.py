@@ -69,6 +69,33 @@ def test_ci_run_has_cold_start_ablation_and_kernel_sections(ci_result):
     assert all(row["rel_err_triton"] < 1e-5 for row in kernel["rows"])
 
 
+def test_ci_run_has_the_tuning_sections(ci_result):
+    """benchmarks/sd2_tuning.py: phases add up, attention shapes come from the UNet config,
+    variants are timed against the default engine or skipped with the reason."""
+    phases = ci_result["phases"]
+    for batch, entry in phases["batches"].items():
+        parts = entry["encode_s"] + entry["denoise_s"] + entry["decode_s"]
+        assert entry["total_s"] == pytest.approx(parts, abs=1e-3), batch
+        assert entry["unet_only_s"] > 0 and entry["denoise_s"] > 0
+    assert set(phases["batches"]) == {"1", "2"}
+    assert "syncs_per_step" not in phases  # CUDA only
+    attention = ci_result["attention"]
+    assert attention["shapes"] and all(s["ms"]["math"] > 0 for s in attention["shapes"])
+    assert {s["kv"] for s in attention["shapes"]} >= {77}  # cross-attention to the prompt
+    assert attention["per_unet_forward_ms"]["2"]["math"] > 0
+    variants = ci_result["variants"]
+    assert set(variants["baseline_s_per_image"]) == {"1", "2"}
+    skipped = " ".join(variants["skipped"])
+    assert "cudnn attention: the cudnn SDPA kernel needs CUDA" in skipped
+    assert "compiled VAE decoder: needs torch.compile" in skipped  # --no-compile
+    runs = {run["name"]: run for run in variants["runs"]}
+    assert "no channels_last" in runs
+    for run in runs.values():
+        assert "error" not in run, run
+        for case in run["cases"].values():
+            assert case["s_per_image"] > 0 and case["speedup_vs_default"] > 0
+
+
 def test_sd2_configs_have_the_real_sizes_and_issue_9_costs():
     """Parameter counts of SD 2.0 768-v and the FLOPs issue 9 states (counted, meta device)."""
     from service.engine.sd2_configs import (

@@ -113,6 +113,9 @@ def test_settings_drive_the_config_and_the_dtype():
     cuda = OptimizationConfig.for_device("cuda", **settings.engine_optimizations())
     assert cuda.enabled and not cuda.compile and cuda.batch_buckets == (2, 8)
     assert cuda.attention == "flash"
+    tuned = Settings(channels_last=False, compile_vae=True, inductor_tuning=True)
+    config = OptimizationConfig.for_device("cuda", **tuned.engine_optimizations())
+    assert not config.channels_last and config.compile_vae and config.inductor_tuning
     assert not OptimizationConfig.for_device("cpu", **settings.engine_optimizations()).enabled
     forced = Settings(optimize="on").engine_optimizations()
     assert OptimizationConfig.for_device("cpu", **forced).enabled
@@ -183,6 +186,23 @@ def test_compiled_unet_matches_stock_with_bounded_compiles(tiny_model_dir, stock
     assert max_diff(engine.generate(other_size), stock.generate(other_size)) <= 1
     assert runner.stats.eager_calls == 2
     assert runner.stats.compiled_sizes == [(8, 8)]
+
+
+def test_inductor_tuning_applies_while_the_unet_compiles_only(tiny_model_dir):
+    import torch._inductor.config as inductor
+
+    seen = []
+
+    def recording_backend(graph, example_inputs):
+        seen.append((inductor.conv_1x1_as_mm, inductor.coordinate_descent_tuning))
+        return graph.forward
+
+    before = (inductor.conv_1x1_as_mm, inductor.coordinate_descent_tuning)
+    config = cpu_config(compile=True, compile_backend=recording_backend, inductor_tuning=True)
+    engine = Engine({MODEL: tiny_model_dir}, optimizations=config)
+    engine.generate([request(num_inference_steps=1)])
+    assert seen and all(flags == (True, True) for flags in seen)
+    assert (inductor.conv_1x1_as_mm, inductor.coordinate_descent_tuning) == before
 
 
 @pytest.mark.skipif(not triton_runs_on("cpu"), reason="needs TRITON_INTERPRET=1 (tests/conftest)")

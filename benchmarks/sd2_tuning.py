@@ -1,0 +1,339 @@
+"""The tuning sections of benchmarks/sd2_bench.py: where the optimized path's time goes, and
+which further switches pay, measured on the whole pipeline rather than guessed.
+
+- `phases`: text encoding, the denoising loop and VAE decode, timed apart; the same number of
+  bare UNet calls beside the loop gives the time per step spent outside the UNet (scheduler,
+  guidance, Python), and on CUDA the synchronizing operations one step makes per scheduler
+  (each one leaves the GPU idle while Python prepares the next step).
+- `attention`: every SDPA kernel torch has (flash, memory-efficient, cuDNN) at SD2's attention
+  shapes, and their sum over one UNet forward: what pinning a kernel could gain.
+- `variants`: the whole optimized pipeline again with one switch changed (cuDNN attention, no
+  channels_last, compiled VAE), each compiled and timed at batch 1 and the largest batch
+  against the default; then the switches that won, together.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import warnings
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # `bench.kit` is the sd2_bench module itself: its helpers and constants
+    from sd2_bench import Bench
+
+# Switches tried one at a time against the default optimized config, most promising first.
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("cudnn attention", {"attention": "cudnn"}),
+    ("no channels_last", {"channels_last": False}),
+    ("compiled VAE decoder", {"compile_vae": True}),
+    ("Inductor tuning flags", {"inductor_tuning": True}),  # the longest compile: last
+]
+WIN_MIN = 1.02  # a variant "wins" when it is at least 2 % faster at some measured batch
+SYNC_SCHEDULERS = (
+    "DDIMScheduler",
+    "UniPCMultistepScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
+)
+SDPA_BACKENDS_CUDA = ("flash", "efficient", "cudnn")
+
+
+def params(bench: Bench, size: int, steps: int, batch: int, scheduler: str | None = None):
+    from service.engine.protocol import GenerationParams
+
+    kit = bench.kit
+    return [
+        GenerationParams(
+            prompt=kit.PROMPT,
+            model_id=kit.MODEL_ID,
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            guidance_scale=kit.GUIDANCE,
+            seed=i,
+            scheduler=scheduler or kit.SCHEDULER,
+            use_karras_sigmas=False,
+        )
+        for i in range(batch)
+    ]
+
+
+# --- phases -----------------------------------------------------------------------------------
+
+
+def phases(bench: Bench) -> dict:
+    """Encode / denoise / decode seconds at batch 1 and the largest batch, the UNet alone over
+    as many calls, and the synchronizing operations per step of each scheduler (CUDA)."""
+    from service.engine.optimize import runner_for
+
+    timed = bench.kit.timed
+    engine = bench.ensure_engine()
+    pipe = engine.load(bench.kit.MODEL_ID)
+    runner = runner_for(pipe)
+    device = bench.device
+    size, steps = bench.default_size(), max(bench.args.steps)
+    out: dict = {"size": size, "steps": steps, "scheduler": bench.kit.SCHEDULER, "batches": {}}
+    for batch in sorted({1, max(bench.args.batches)}):
+        if bench.budget_left() < 30:
+            out["batches"][str(batch)] = {"skipped": "time budget"}
+            continue
+        batch_params = params(bench, size, steps, batch)
+        engine.generate(params(bench, size, 2, batch))  # warm this shape
+        with torch.inference_mode():
+            encode_s, states = timed(device, lambda p=batch_params: engine.start_requests(pipe, p))
+            sample = torch.cat([s.latents for s in states] * 2)  # the guided rows' shape
+            embeds = torch.cat([s.cond_embeds for s in states] * 2)
+            timestep = torch.full((sample.shape[0],), 500.0, device=device)
+
+            def loop(states=states) -> None:
+                while not all(state.done for state in states):
+                    engine.denoise_step(pipe, [s for s in states if not s.done])
+
+            denoise_s, _ = timed(device, loop)
+            decode_s, _ = timed(device, lambda s=states: engine.decode_states(pipe, s))
+
+            def unet_only(sample=sample, timestep=timestep, embeds=embeds) -> None:
+                for _ in range(steps):
+                    runner.unet(sample, timestep, embeds)
+
+            unet_s, _ = timed(device, unet_only)
+        total = encode_s + denoise_s + decode_s
+        out["batches"][str(batch)] = {
+            "encode_s": round(encode_s, 4),
+            "denoise_s": round(denoise_s, 4),
+            "decode_s": round(decode_s, 4),
+            "total_s": round(total, 4),
+            "unet_only_s": round(unet_s, 4),
+            "outside_unet_ms_per_step": round((denoise_s - unet_s) / steps * 1e3, 3),
+            "share": {
+                "encode": round(encode_s / total, 4),
+                "denoise": round(denoise_s / total, 4),
+                "decode": round(decode_s / total, 4),
+            },
+        }
+        bench._log(
+            f"phases at batch {batch}: encode {encode_s * 1e3:.1f} ms, denoise {denoise_s:.3f} s "
+            f"(UNet alone {unet_s:.3f} s), decode {decode_s * 1e3:.1f} ms"
+        )
+    if device.type == "cuda":
+        out["syncs_per_step"] = {
+            name: _syncs_per_step(bench, engine, pipe, size, name) for name in SYNC_SCHEDULERS
+        }
+    return out
+
+
+def _syncs_per_step(bench: Bench, engine, pipe, size: int, scheduler: str) -> dict:
+    """Synchronizing CUDA operations in steps 2-4 of one request (torch's sync debug mode)."""
+    with torch.inference_mode():
+        states = engine.start_requests(pipe, params(bench, size, 6, 1, scheduler))
+        engine.denoise_step(pipe, states)  # first step: schedulers find their step index
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(3):
+                    engine.denoise_step(pipe, states)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message)]
+    return {"per_step": round(len(syncs) / 3, 2), "first": syncs[:2]}
+
+
+# --- attention kernels ------------------------------------------------------------------------
+
+
+def attention_shapes(bench: Bench) -> list[dict]:
+    """(heads, head dim, query tokens, key tokens, layers) of each attention in the UNet at the
+    default size, read from the model's UNet config (diffusers' `attention_head_dim` holds the
+    number of heads for SD2)."""
+    config = json.loads((bench.model_dir / "unet" / "config.json").read_text())
+    latent = bench.default_size() // 8
+    heads = config["attention_head_dim"]
+    if isinstance(heads, int):
+        heads = [heads] * len(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    layers = layers if isinstance(layers, int) else layers[0]
+    shapes = []
+    for level, (block, channels) in enumerate(
+        zip(config["down_block_types"], config["block_out_channels"], strict=True)
+    ):
+        if not block.startswith("CrossAttn"):
+            continue
+        tokens = (latent >> level) ** 2
+        count = 2 * layers + 1  # down blocks: `layers`, up blocks: `layers` + 1
+        h, d = heads[level], channels // heads[level]
+        shapes.append({"level": level, "heads": h, "dim": d, "q": tokens, "kv": tokens, "n": count})
+        shapes.append({"level": level, "heads": h, "dim": d, "q": tokens, "kv": 77, "n": count})
+    return shapes
+
+
+def attention(bench: Bench) -> dict:
+    """Milliseconds of each SDPA kernel at each attention shape, for 2 and 32 rows on CUDA."""
+    from torch.nn.attention import sdpa_kernel
+
+    from service.engine.optimize import sdpa_backends
+
+    device = bench.device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backends = SDPA_BACKENDS_CUDA if device.type == "cuda" else ("math",)
+    row_counts = (2, 32) if device.type == "cuda" else (2,)
+    iters = 10 if device.type == "cuda" else 2
+    out: dict = {"dtype": str(dtype), "shapes": [], "per_unet_forward_ms": {}}
+    for rows in row_counts:
+        totals: dict[str, float | None] = dict.fromkeys(backends, 0.0)
+        for shape in attention_shapes(bench):
+            g = torch.Generator("cpu").manual_seed(shape["q"] + shape["kv"])
+            q = torch.randn(rows, shape["heads"], shape["q"], shape["dim"], generator=g)
+            k = torch.randn(rows, shape["heads"], shape["kv"], shape["dim"], generator=g)
+            v = torch.randn_like(k)
+            q, k, v = (t.to(device, dtype) for t in (q, k, v))
+            flops = 4 * rows * shape["heads"] * shape["q"] * shape["kv"] * shape["dim"]
+            entry = {**shape, "rows": rows, "ms": {}, "tflops": {}}
+            for backend in backends:
+                try:
+                    with sdpa_kernel(sdpa_backends(backend)), torch.inference_mode():
+                        ms = _median_ms(bench, lambda a=(q, k, v): _sdpa(*a), iters)
+                except RuntimeError as exc:  # this kernel does not take the shape or dtype
+                    entry["ms"][backend] = None
+                    entry.setdefault("errors", {})[backend] = str(exc).splitlines()[0][:200]
+                    totals[backend] = None
+                    continue
+                entry["ms"][backend] = ms
+                entry["tflops"][backend] = round(flops / ms / 1e9, 1)
+                if totals[backend] is not None:
+                    totals[backend] += ms * shape["n"]
+            out["shapes"].append(entry)
+        out["per_unet_forward_ms"][str(rows)] = {
+            b: None if t is None else round(t, 3) for b, t in totals.items()
+        }
+    return out
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def _median_ms(bench: Bench, fn, iters: int) -> float:
+    times = bench.kit._times(bench.device, fn, warmup=2, iters=iters)
+    return round(statistics.median(times) * 1e3, 4)
+
+
+# --- whole-pipeline variants ------------------------------------------------------------------
+
+
+def variants(bench: Bench) -> dict:
+    """Each of VARIANTS as its own engine (compiled and warmed like a replica), timed at batch
+    1 and the largest batch against the default optimized engine; then the winners together."""
+    size, steps = bench.default_size(), max(bench.args.steps)
+    batches = sorted({1, max(bench.args.batches)})
+    baseline = {b: _baseline(bench, size, steps, b) for b in batches}
+    base_config = bench.ensure_engine().optimizations
+    out: dict = {
+        "size": size,
+        "steps": steps,
+        "baseline_s_per_image": {str(b): s for b, s in baseline.items()},
+        "runs": [],
+        "skipped": [],
+    }
+    if not base_config.enabled:
+        out["skipped"].append("the optimized path is off (--optimize off): nothing to vary")
+        return out
+    tried = []
+    for name, overrides in VARIANTS:
+        reason = _inapplicable(overrides, base_config, bench.device)
+        if reason:
+            out["skipped"].append(f"{name}: {reason}")
+            continue
+        tried.append(_variant(bench, name, overrides, base_config, size, steps, batches, out))
+        bench.result["variants"] = out
+        bench.write(final=False)  # a kill at the call's time limit keeps the variants so far
+    winners = [run for run in tried if run and run.get("wins")]
+    if len(winners) >= 2:
+        overrides = {k: v for run in winners for k, v in run["overrides"].items()}
+        names = " + ".join(run["name"] for run in winners)
+        _variant(bench, names, overrides, base_config, size, steps, batches, out)
+    return out
+
+
+def _inapplicable(overrides: dict, config, device: torch.device) -> str | None:
+    if overrides.get("attention") in SDPA_BACKENDS_CUDA and device.type != "cuda":
+        return f"the {overrides['attention']} SDPA kernel needs CUDA"
+    if (overrides.get("compile_vae") or overrides.get("inductor_tuning")) and not config.compile:
+        return "needs torch.compile, which is off"
+    return None
+
+
+def _baseline(bench: Bench, size: int, steps: int, batch: int) -> float:
+    key = ("optimized", size, steps, batch)
+    if key not in bench.seconds_per_image:
+        bench.case("optimized", size, steps, batch)
+    return bench.seconds_per_image.get(key, float("nan"))
+
+
+def _variant(bench, name, overrides, base_config, size, steps, batches, out) -> dict | None:
+    from service.engine.optimize import runner_for
+    from service.engine.pipeline import Engine
+
+    kit, timed = bench.kit, bench.kit.timed
+
+    needed = 120.0 if bench.device.type == "cuda" else 5.0  # compile + capture + timed runs
+    if bench.budget_left() < needed:
+        out["skipped"].append(f"{name}: time budget")
+        return None
+    # Two buckets only (1 image and the largest batch): fewer graphs to capture per variant.
+    rows = tuple(sorted({2, 2 * max(batches)}))
+    config = replace(base_config, **overrides, batch_buckets=rows)
+    run: dict = {"name": name, "overrides": overrides, "cases": {}}
+    engine = None
+    try:
+        engine = Engine(
+            {kit.MODEL_ID: bench.model_dir},
+            device=str(bench.device),
+            dtype=kit.optimized_dtype(bench.args, True),
+            vae_batch_size=bench.args.vae_batch_size,
+            optimizations=config,
+        )
+        load_s, _ = timed(bench.device, lambda: engine.load(kit.MODEL_ID))
+        warmup_s, _ = timed(bench.device, lambda: engine.warmup(kit.MODEL_ID))
+        run["start_s"] = round(load_s + warmup_s, 2)
+        for batch in batches:
+            request = params(bench, size, steps, batch)
+            engine.generate(params(bench, size, 2, batch))
+            times = [timed(bench.device, lambda r=request: engine.generate(r))[0] for _ in range(2)]
+            per_image = statistics.median(times) / batch
+            base = out["baseline_s_per_image"].get(str(batch))
+            run["cases"][str(batch)] = {
+                "seconds": [round(t, 4) for t in times],
+                "s_per_image": round(per_image, 4),
+                "images_per_s": round(1 / per_image, 4),
+                "speedup_vs_default": round(base / per_image, 3) if base else None,
+            }
+        stats = runner_for(engine.load(kit.MODEL_ID)).stats
+        run["runner"] = {
+            k: getattr(stats, k) for k in ("compile_error", "graph_error", "graph_replays")
+        }
+        speedups = [c["speedup_vs_default"] or 0 for c in run["cases"].values()]
+        run["wins"] = max(speedups) >= WIN_MIN and not stats.compile_error
+        bench._log(
+            f"variant {name}: "
+            + ", ".join(
+                f"batch {b} {c['s_per_image']:.3f} s/image (x{c['speedup_vs_default']})"
+                for b, c in run["cases"].items()
+            )
+        )
+    except Exception as exc:  # a variant that cannot run is a result, not a crash
+        run["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        bench._log(f"variant {name} failed: {run['error']}")
+    finally:
+        engine = None  # its weights and graph pool, before the next variant loads
+        gc.collect()
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()
+    out["runs"].append(run)
+    return run
