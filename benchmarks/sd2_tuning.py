@@ -41,6 +41,12 @@ SYNC_SCHEDULERS = (
     "EulerAncestralDiscreteScheduler",
 )
 SDPA_BACKENDS_CUDA = ("flash", "efficient", "cudnn")
+SDPA_KERNELS = {  # one kernel each, no fallback: what each one costs at each shape
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
 
 
 def params(bench: Bench, size: int, steps: int, batch: int, scheduler: str | None = None):
@@ -175,9 +181,7 @@ def attention_shapes(bench: Bench) -> list[dict]:
 
 def attention(bench: Bench) -> dict:
     """Milliseconds of each SDPA kernel at each attention shape, for 2 and 32 rows on CUDA."""
-    from torch.nn.attention import sdpa_kernel
-
-    from service.engine.optimize import sdpa_backends
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     device = bench.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -197,7 +201,10 @@ def attention(bench: Bench) -> dict:
             entry = {**shape, "rows": rows, "ms": {}, "tflops": {}}
             for backend in backends:
                 try:
-                    with sdpa_kernel(sdpa_backends(backend)), torch.inference_mode():
+                    with (
+                        sdpa_kernel(getattr(SDPBackend, SDPA_KERNELS[backend])),
+                        torch.inference_mode(),
+                    ):
                         ms = _median_ms(bench, lambda a=(q, k, v): _sdpa(*a), iters)
                 except RuntimeError as exc:  # this kernel does not take the shape or dtype
                     entry["ms"][backend] = None

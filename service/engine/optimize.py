@@ -38,8 +38,9 @@ from service.engine.kernels import group_norm_silu, group_norm_silu_triton, trit
 log = logging.getLogger(__name__)
 
 ATTENTION_CHOICES = ("sdpa", "flash", "efficient", "cudnn", "math", "classic")
-"""`sdpa`: torch picks the SDPA kernel; `flash`/`efficient`/`cudnn`/`math` pin one;
-`classic`: diffusers' explicit softmax(QKᵀ)V (a baseline, upcast to fp32 in fp16)."""
+"""`sdpa`: torch picks the SDPA kernel; `flash`/`efficient`/`math` pin one; `cudnn`: cuDNN's
+kernel first, flash then memory-efficient for a shape it does not take; `classic`: diffusers'
+explicit softmax(QKᵀ)V (a baseline, upcast to fp32 in fp16)."""
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 # Inductor settings the diffusers/PyTorch write-ups on fast SD inference compile with: 1x1
@@ -216,16 +217,22 @@ def set_attention(model: nn.Module, attention: str, dtype: torch.dtype | None) -
 
 
 def sdpa_backends(attention: str) -> list | None:
-    """The SDPA kernels a pinned `attention` choice allows, None to let torch choose."""
+    """The SDPA kernels an `attention` choice allows, in priority order; None to let torch
+    choose."""
     from torch.nn.attention import SDPBackend
 
-    pinned = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "math": SDPBackend.MATH,
+    allowed = {
+        "flash": [SDPBackend.FLASH_ATTENTION],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+        # cuDNN's kernel where it takes the shape (its limits vary with the cuDNN version)
+        "cudnn": [
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+        ],
+        "math": [SDPBackend.MATH],
     }
-    return [pinned[attention]] if attention in pinned else None
+    return allowed.get(attention)
 
 
 class GroupNormSiLU(nn.Module):
@@ -534,7 +541,7 @@ class PipelineRunner:
             return
         from torch.nn.attention import sdpa_kernel
 
-        with sdpa_kernel(backends):
+        with sdpa_kernel(backends, set_priority=True):
             yield
 
     def _inductor_settings(self) -> contextlib.AbstractContextManager:

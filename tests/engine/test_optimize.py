@@ -26,6 +26,7 @@ from service.engine.optimize import (
     OptimizationConfig,
     _pad_rows,
     runner_for,
+    sdpa_backends,
     set_attention,
 )
 from service.engine.pipeline import Engine
@@ -159,6 +160,17 @@ def test_optimized_modules_match_stock(tiny_model_dir, stock):
         request(prompt="a lighthouse", seed=3, guidance_scale=1.0),
         request(prompt="cubist portrait", seed=4, guidance_scale=12.0, clip_skip=2),
     ]
+    assert max_diff(engine.generate(batch), stock.generate(batch)) <= 1
+
+
+def test_a_pinned_attention_kernel_runs_and_cudnn_falls_back_in_order(tiny_model_dir, stock):
+    from torch.nn.attention import SDPBackend
+
+    assert sdpa_backends("sdpa") is None
+    assert sdpa_backends("flash") == [SDPBackend.FLASH_ATTENTION]
+    assert sdpa_backends("cudnn")[:2] == [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    engine = Engine({MODEL: tiny_model_dir}, optimizations=cpu_config(attention="math"))
+    batch = [request(seed=7)]
     assert max_diff(engine.generate(batch), stock.generate(batch)) <= 1
 
 
