@@ -3,8 +3,9 @@ which further switches pay, measured on the whole pipeline rather than guessed.
 
 - `phases`: text encoding, the denoising loop and VAE decode, timed apart; the same number of
   bare UNet calls beside the loop gives the time per step spent outside the UNet (scheduler,
-  guidance, Python), and on CUDA the synchronizing operations one step makes per scheduler
-  (each one leaves the GPU idle while Python prepares the next step).
+  guidance, Python); UniPC stepping the latents directly against stepping its CPU twin
+  (service/engine/linear_steps.py); and on CUDA the synchronizing operations one step makes
+  per scheduler (each one leaves the GPU idle while Python prepares the next step).
 - `attention`: every SDPA kernel torch has (flash, memory-efficient, cuDNN) at SD2's attention
   shapes, and their sum over one UNet forward: what pinning a kernel could gain.
 - `variants`: the whole optimized pipeline again with one switch changed (cuDNN attention, no
@@ -14,10 +15,12 @@ which further switches pay, measured on the whole pipeline rather than guessed.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import statistics
 import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -126,10 +129,55 @@ def phases(bench: Bench) -> dict:
             f"phases at batch {batch}: encode {encode_s * 1e3:.1f} ms, denoise {denoise_s:.3f} s "
             f"(UNet alone {unet_s:.3f} s), decode {decode_s * 1e3:.1f} ms"
         )
+    out["linear_steps"] = _linear_steps_gain(bench, engine, size)
     if device.type == "cuda":
         out["syncs_per_step"] = {
             name: _syncs_per_step(bench, engine, pipe, size, name) for name in SYNC_SCHEDULERS
         }
+        with _linear_steps(engine, False):
+            out["syncs_per_step_stepping_directly"] = {
+                name: _syncs_per_step(bench, engine, pipe, size, name)
+                for name in ("DDIMScheduler", "UniPCMultistepScheduler")
+            }
+    return out
+
+
+@contextlib.contextmanager
+def _linear_steps(engine, on: bool) -> Iterator[None]:
+    """The engine with scheduler steps through the CPU twin (linear_steps.py) on or off; it is
+    read when requests start, so no recompile."""
+    saved = engine.optimizations
+    engine.optimizations = replace(saved, linear_steps=on)
+    try:
+        yield
+    finally:
+        engine.optimizations = saved
+
+
+def _linear_steps_gain(bench: Bench, engine, size: int) -> dict:
+    """UniPC (sdserve's default scheduler), 25 steps: seconds per image with the scheduler
+    stepping the latents directly against stepping its CPU twin, batch 1 and the largest."""
+    steps, out = min(25, max(bench.args.steps)), {}
+    for batch in sorted({1, max(bench.args.batches)}):
+        if bench.budget_left() < 20:
+            out[str(batch)] = {"skipped": "time budget"}
+            continue
+        request = params(bench, size, steps, batch, "UniPCMultistepScheduler")
+        entry: dict = {"steps": steps}
+        for label, on in (("direct_s_per_image", False), ("twin_s_per_image", True)):
+            with _linear_steps(engine, on):
+                engine.generate(params(bench, size, 2, batch, "UniPCMultistepScheduler"))
+                times = [
+                    bench.kit.timed(bench.device, lambda r=request: engine.generate(r))[0]
+                    for _ in range(2)
+                ]
+            entry[label] = round(statistics.median(times) / batch, 4)
+        entry["speedup"] = round(entry["direct_s_per_image"] / entry["twin_s_per_image"], 3)
+        out[str(batch)] = entry
+        bench._log(
+            f"UniPC at batch {batch}: {entry['direct_s_per_image']:.3f} s/image stepping "
+            f"directly, {entry['twin_s_per_image']:.3f} through the twin"
+        )
     return out
 
 

@@ -78,6 +78,7 @@ class OptimizationConfig:
     cuda_graphs: bool = True
     batch_buckets: tuple[int, ...] = (2, 4, 8, 16, 32)  # UNet rows: 2 per guided image
     fp32_latents: bool = True  # noise, scheduler and guidance in fp32; only the nets in bf16
+    linear_steps: bool = True  # scheduler steps on a CPU twin, no host waits (linear_steps.py)
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_CHOICES:

@@ -34,6 +34,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from service.engine.highres import first_pass_size, second_pass_start
+from service.engine.linear_steps import LinearStepper, is_linear
 from service.engine.optimize import OptimizationConfig, apply_optimizations, runner_for
 from service.engine.protocol import GenerationOutput, GenerationParams
 from service.engine.schedulers import build_scheduler, validate_scheduler_options
@@ -95,6 +96,9 @@ class RequestState:
     # `timesteps` as the UNet takes them (float, on the engine's device), copied once per pass
     # so that a step reads its timestep without a host-to-device copy
     unet_timesteps: torch.Tensor | None = None
+    # steps the scheduler on a CPU twin so the device is never waited on (linear_steps.py);
+    # None: the scheduler steps the latents directly
+    stepper: LinearStepper | None = None
 
     @property
     def samples(self) -> int:
@@ -347,7 +351,15 @@ class Engine:
                 )
             )
         self.prepare_latents(pipe, states)
+        for state in states:
+            self._attach_stepper(state)
         return states
+
+    def _attach_stepper(self, state: RequestState) -> None:
+        state.stepper = None
+        config = self.optimizations
+        if config.enabled and config.linear_steps and is_linear(state.scheduler, state.step_kwargs):
+            state.stepper = LinearStepper(state.latents, len(state.timesteps))
 
     def _scheduler(self, pipe: StableDiffusionPipeline, params: GenerationParams):
         scheduler = build_scheduler(
@@ -384,6 +396,7 @@ class Engine:
         state.latents = scheduler.add_noise(latents, noise, timesteps[:1])
         state.scheduler, state.timesteps, state.step = scheduler, timesteps, 0
         state.unet_timesteps = self._unet_timesteps(timesteps)
+        self._attach_stepper(state)
         state.size, state.second_pass_size = (width, height), None
 
     def activate_embeddings(
@@ -554,9 +567,14 @@ class Engine:
 
         for state, state_noise in zip(states, noise, strict=True):
             t = state.timesteps[state.step]
-            state.latents = state.scheduler.step(
-                state_noise, t, state.latents, **state.step_kwargs, return_dict=False
-            )[0]
+            if state.stepper is not None:
+                state.latents = state.stepper.step(
+                    state.scheduler, state_noise, t, **state.step_kwargs
+                )
+            else:
+                state.latents = state.scheduler.step(
+                    state_noise, t, state.latents, **state.step_kwargs, return_dict=False
+                )[0]
             state.step += 1
             if state.done and state.second_pass_size is not None:
                 self._start_second_pass(pipe, state)

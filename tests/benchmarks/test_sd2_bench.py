@@ -79,6 +79,8 @@ def test_ci_run_has_the_tuning_sections(ci_result):
         assert entry["unet_only_s"] > 0 and entry["denoise_s"] > 0
     assert set(phases["batches"]) == {"1", "2"}
     assert "syncs_per_step" not in phases  # CUDA only
+    for entry in phases["linear_steps"].values():  # UniPC direct vs through the CPU twin
+        assert entry["direct_s_per_image"] > 0 and entry["twin_s_per_image"] > 0
     attention = ci_result["attention"]
     assert attention["shapes"] and all(s["ms"]["math"] > 0 for s in attention["shapes"])
     assert {s["kv"] for s in attention["shapes"]} >= {77}  # cross-attention to the prompt

@@ -1,0 +1,132 @@
+"""Scheduler steps through the CPU twin (service/engine/linear_steps.py): the same latents as
+the scheduler stepping them directly, for every scheduler it takes, in the engine too."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from service.engine.linear_steps import LINEAR_SCHEDULERS, LinearStepper, is_linear
+from service.engine.optimize import OptimizationConfig
+from service.engine.pipeline import Engine
+from service.engine.protocol import GenerationParams
+from service.engine.schedulers import accepts_karras_sigmas, build_scheduler
+from service.engine.tiny_model import SD2_SCHEDULER_CONFIG
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
+)
+
+BASE = DDIMScheduler.from_config(SD2_SCHEDULER_CONFIG).config  # SD2: v-prediction
+MODEL = "stable-diffu"
+
+
+def fake_model(sample: torch.Tensor, step: int) -> torch.Tensor:
+    """Deterministic and nonlinear in the sample, so a wrong combination shows."""
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.tanh(0.7 * sample) + 0.3 * torch.randn(sample.shape, generator=g)
+
+
+def run(name: str, karras: bool, steps: int, twin: bool) -> list[torch.Tensor]:
+    scheduler = build_scheduler(BASE, name, karras, None)
+    scheduler.set_timesteps(steps, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=g) * scheduler.init_noise_sigma
+    kwargs = {"eta": 0.0} if name == "DDIMScheduler" else {}
+    stepper = LinearStepper(latents, len(scheduler.timesteps)) if twin else None
+    trajectory = []
+    for step, t in enumerate(scheduler.timesteps):
+        output = fake_model(scheduler.scale_model_input(latents, t), step)
+        if stepper is not None:
+            latents = stepper.step(scheduler, output, t, **kwargs)
+        else:
+            latents = scheduler.step(output, t, latents, **kwargs, return_dict=False)[0]
+        trajectory.append(latents)
+    return trajectory
+
+
+CASES = [
+    (name, karras)
+    for name in sorted(LINEAR_SCHEDULERS)
+    for karras in ((False, True) if accepts_karras_sigmas(name) else (False,))
+]
+
+
+@pytest.mark.parametrize(("name", "karras"), CASES)
+def test_the_twin_gives_the_schedulers_own_latents_at_every_step(name, karras):
+    direct = run(name, karras, steps=7, twin=False)
+    twin = run(name, karras, steps=7, twin=True)
+    assert len(direct) == len(twin) >= 7
+    for step, (a, b) in enumerate(zip(direct, twin, strict=True)):
+        assert torch.isfinite(b).all()
+        rel = ((a - b).norm() / a.norm()).item()
+        assert rel < 2e-5, f"{name} step {step}: relative error {rel:.2e}"
+
+
+def test_noise_drawing_and_clipping_schedulers_are_stepped_directly():
+    def build(name, **config):
+        return build_scheduler({**BASE, **config}, name, False, None)
+
+    assert is_linear(build("UniPCMultistepScheduler"), {})
+    assert is_linear(build("DPMSolverMultistepScheduler"), {"generator": []})  # draws nothing
+    assert not is_linear(build("EulerAncestralDiscreteScheduler"), {"generator": []})
+    assert not is_linear(build("DDPMScheduler"), {"generator": []})
+    assert not is_linear(build("DDIMScheduler"), {"eta": 0.5})
+    assert not is_linear(build("DDIMScheduler", clip_sample=True), {"eta": 0.0})
+    sde = build_scheduler(BASE, "DPMSolverMultistepScheduler", False, "sde-dpmsolver++")
+    assert not is_linear(sde, {})
+
+
+def test_more_outputs_than_timesteps_is_an_error():
+    scheduler = build_scheduler(BASE, "EulerDiscreteScheduler", False, None)
+    scheduler.set_timesteps(1, device="cpu")
+    stepper = LinearStepper(torch.zeros(1, 4, 2, 2), model_calls=1)
+    t = scheduler.timesteps[0]
+    stepper.step(scheduler, torch.zeros(1, 4, 2, 2), t)
+    with pytest.raises(RuntimeError, match="more model outputs"):
+        stepper.step(scheduler, torch.zeros(1, 4, 2, 2), t)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir):
+    optimized = OptimizationConfig(enabled=True, compile=False, triton_kernels=False)
+    direct = OptimizationConfig(
+        enabled=True, compile=False, triton_kernels=False, linear_steps=False
+    )
+    return (
+        Engine({MODEL: tiny_model_dir}, optimizations=optimized),
+        Engine({MODEL: tiny_model_dir}, optimizations=direct),
+    )
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "fields"),
+    [
+        ("UniPCMultistepScheduler", {}),
+        ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "samples": 2}),
+        ("HeunDiscreteScheduler", {}),
+        ("PNDMScheduler", {"samples": 2}),
+        ("DDIMScheduler", {"highres_fix": True, "width": 128, "height": 128}),
+        ("EulerAncestralDiscreteScheduler", {}),  # stepped directly, same path both sides
+    ],
+)
+def test_the_engine_makes_the_same_images_with_and_without_the_twin(engines, scheduler, fields):
+    twin_engine, direct_engine = engines
+    params = GenerationParams(
+        prompt="a lighthouse at dusk",
+        negative_prompt="blurry",
+        seed=77,
+        width=fields.pop("width", 64),
+        height=fields.pop("height", 64),
+        num_inference_steps=4,
+        scheduler=scheduler,
+        **fields,
+    )
+    pipe = twin_engine.load(MODEL)
+    with torch.inference_mode():
+        states = twin_engine.start_requests(pipe, [params])
+    assert (states[0].stepper is not None) == (scheduler in LINEAR_SCHEDULERS)
+    ours = twin_engine.generate([params])[0].images
+    reference = direct_engine.generate([params])[0].images
+    for a, b in zip(ours, reference, strict=True):
+        assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= 1
