@@ -393,7 +393,7 @@ class Engine:
         noise = randn_tensor(
             latents.shape, generator=state.generators, device=self.device, dtype=latents.dtype
         )
-        state.latents = scheduler.add_noise(latents, noise, timesteps[:1])
+        state.latents = add_noise(scheduler, latents, noise, timesteps[:1])
         state.scheduler, state.timesteps, state.step = scheduler, timesteps, 0
         state.unet_timesteps = self._unet_timesteps(timesteps)
         self._attach_stepper(state)
@@ -754,6 +754,19 @@ class Engine:
             raise ValueError(
                 f"model_id: unknown model {model_id!r}; available: {', '.join(self.model_paths)}"
             ) from None
+
+
+def add_noise(
+    scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor
+) -> torch.Tensor:
+    """`scheduler.add_noise`, leaving the scheduler's tables on the CPU: DDIM, DDPM, PNDM and
+    LCM move `alphas_cumprod` to the latents' device there, after which every step would index
+    a device table (and the CPU twin of linear_steps.py would meet a device scalar)."""
+    table = getattr(scheduler, "alphas_cumprod", None)
+    noised = scheduler.add_noise(latents, noise, timestep)
+    if table is not None:
+        scheduler.alphas_cumprod = table
+    return noised
 
 
 def read_embedding(path: Path, name: str) -> torch.Tensor:

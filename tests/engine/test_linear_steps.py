@@ -77,6 +77,21 @@ def test_noise_drawing_and_clipping_schedulers_are_stepped_directly():
     assert not is_linear(sde, {})
 
 
+def test_highres_noising_leaves_the_schedulers_tables_on_the_cpu():
+    """diffusers' DDIM moves `alphas_cumprod` to the latents' device in add_noise; the twin
+    (and a sync-free step) needs it on the CPU. The meta device stands in for a GPU here."""
+    from service.engine.pipeline import add_noise
+
+    scheduler = build_scheduler(BASE, "DDIMScheduler", False, None)
+    scheduler.set_timesteps(4, device="cpu")
+    latents = torch.zeros(1, 4, 8, 8, device="meta")
+    noised = add_noise(scheduler, latents, torch.zeros_like(latents), scheduler.timesteps[:1])
+    assert noised.device.type == "meta"
+    assert scheduler.alphas_cumprod.device.type == "cpu"
+    scheduler.add_noise(latents, torch.zeros_like(latents), scheduler.timesteps[:1])
+    assert scheduler.alphas_cumprod.device.type == "meta"  # what add_noise alone does
+
+
 def test_more_outputs_than_timesteps_is_an_error():
     scheduler = build_scheduler(BASE, "EulerDiscreteScheduler", False, None)
     scheduler.set_timesteps(1, device="cpu")
