@@ -129,6 +129,7 @@ def phases(bench: Bench) -> dict:
             f"phases at batch {batch}: encode {encode_s * 1e3:.1f} ms, denoise {denoise_s:.3f} s "
             f"(UNet alone {unet_s:.3f} s), decode {decode_s * 1e3:.1f} ms"
         )
+    out["decode_batch"] = _decode_batch(bench, engine, pipe, size)
     out["linear_steps"] = _linear_steps_gain(bench, engine, size)
     if device.type == "cuda":
         out["syncs_per_step"] = {
@@ -140,6 +141,28 @@ def phases(bench: Bench) -> dict:
                 for name in ("DDIMScheduler", "UniPCMultistepScheduler")
             }
     return out
+
+
+def _decode_batch(bench: Bench, engine, pipe, size: int) -> dict:
+    """VAE decode seconds per image of the largest batch's latents, decoded 1, 4 or all at a
+    time (the engine's `vae_batch_size`, the `SDSERVE_VAE_BATCH_SIZE` setting)."""
+    batch = max(bench.args.batches)
+    with torch.inference_mode():
+        states = engine.start_requests(pipe, params(bench, size, 1, batch))
+    saved, out = engine.vae_batch_size, {}
+    try:
+        for chunk in sorted({1, min(4, batch), batch}):
+            engine.vae_batch_size = chunk
+            with torch.inference_mode():
+                engine.decode_states(pipe, states[:chunk])  # warm-up (cuDNN plans)
+                seconds, _ = bench.kit.timed(
+                    bench.device, lambda s=states: engine.decode_states(pipe, s)
+                )
+            out[str(chunk)] = round(seconds / batch, 4)
+    finally:
+        engine.vae_batch_size = saved
+    bench._log(f"decode s/image by images per decode: {out}")
+    return {"images": batch, "s_per_image_by_decode_batch": out}
 
 
 @contextlib.contextmanager

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
         default_factory=lambda: [2, 4, 8, 16, 32],
         description="UNet rows (2 per guided image) batches are padded to for CUDA graphs.",
     )
+    vae_batch_size: int = Field(
+        1, ge=1, description="Images one VAE decode takes (more: faster decodes, more memory)."
+    )
     max_compiled_sizes: int = Field(
         2, ge=0, description="Latent sizes compiled and graphed per model; others run eager."
     )

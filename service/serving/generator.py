@@ -95,6 +95,7 @@ class Generator:
             vaes=settings.vae_paths(),
             token_merging_ratio=settings.tomesd_ratio or None,
             max_loaded_models=settings.max_loaded_models,
+            vae_batch_size=settings.vae_batch_size,
             optimizations=optimizations,
         )
 
