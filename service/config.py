@@ -98,7 +98,9 @@ class Settings(BaseSettings):
         "kernel tuning (a longer compile; benchmarks/sd2_tuning.py measures the gain).",
     )
     attention: Literal["sdpa", "flash", "efficient", "cudnn", "math", "classic"] = Field(
-        "sdpa", description="'sdpa' lets torch pick the kernel; the others pin one."
+        "sdpa",
+        description="'sdpa' lets torch pick the kernel; flash, efficient and math pin one; "
+        "cudnn prefers cuDNN's, falling back to flash for a shape it does not take.",
     )
     batch_buckets: list[int] = Field(
         default_factory=lambda: [2, 4, 8, 16, 32],
