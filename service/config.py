@@ -94,8 +94,9 @@ class Settings(BaseSettings):
     )
     inductor_tuning: bool = Field(
         False,
-        description="Compile the UNet with 1x1 convolutions as matmuls and coordinate-descent "
-        "kernel tuning (a longer compile; benchmarks/sd2_tuning.py measures the gain).",
+        description="Compile the UNet with 1x1 convolutions as matmuls, coordinate-descent "
+        "kernel tuning and frozen weights (a longer compile; benchmarks/sd2_tuning.py measures "
+        "the gain).",
     )
     attention: Literal["sdpa", "flash", "efficient", "cudnn", "math", "classic"] = Field(
         "sdpa",

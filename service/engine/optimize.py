@@ -45,12 +45,15 @@ explicit softmax(QKᵀ)V (a baseline, upcast to fp32 in fp16)."""
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 # Inductor settings the diffusers/PyTorch write-ups on fast SD inference compile with: 1x1
 # convolutions as matmuls, and coordinate-descent tuning of the generated kernels' block sizes
-# (a longer compile). Applied only while the UNet compiles, never process-wide.
+# (a longer compile); plus freezing, which folds the (inference-only) weights into the graph as
+# constants so their layouts are converted once. Applied only while the UNet compiles, never
+# process-wide.
 INDUCTOR_TUNING = {
     "conv_1x1_as_mm": True,
     "coordinate_descent_tuning": True,
     "coordinate_descent_check_all_directions": True,
     "epilogue_fusion": False,
+    "freezing": True,
 }
 RUNNER_ATTRIBUTE = "_sdserve_runner"
 
