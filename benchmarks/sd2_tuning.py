@@ -153,11 +153,16 @@ def _decode_batch(bench: Bench, engine, pipe, size: int) -> dict:
     try:
         for chunk in sorted({1, min(4, batch), batch}):
             engine.vae_batch_size = chunk
-            with torch.inference_mode():
-                engine.decode_states(pipe, states[:chunk])  # warm-up (cuDNN plans)
-                seconds, _ = bench.kit.timed(
-                    bench.device, lambda s=states: engine.decode_states(pipe, s)
-                )
+            try:
+                with torch.inference_mode():
+                    engine.decode_states(pipe, states[:chunk])  # warm-up (cuDNN plans)
+                    seconds, _ = bench.kit.timed(
+                        bench.device, lambda s=states: engine.decode_states(pipe, s)
+                    )
+            except torch.OutOfMemoryError as exc:  # the answer for this chunk size
+                out[str(chunk)] = f"out of memory: {str(exc).splitlines()[0][:200]}"
+                torch.cuda.empty_cache()
+                continue
             out[str(chunk)] = round(seconds / batch, 4)
     finally:
         engine.vae_batch_size = saved
@@ -218,8 +223,9 @@ def _syncs_per_step(bench: Bench, engine, pipe, size: int, scheduler: str) -> di
                     engine.denoise_step(pipe, states)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message)]
-    return {"per_step": round(len(syncs) / 3, 2), "first": syncs[:2]}
+    # where in Python each wait happened (diffusers' file and line, or ours)
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    return {"per_step": round(len(syncs) / 3, 2), "where": sorted(set(syncs))[:8]}
 
 
 # --- attention kernels ------------------------------------------------------------------------
