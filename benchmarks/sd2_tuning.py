@@ -374,6 +374,11 @@ def _variant(bench, name, overrides, base_config, size, steps, batches, out) -> 
     rows = tuple(sorted({2, 2 * max(batches)}))
     config = replace(base_config, **overrides, batch_buckets=rows)
     run: dict = {"name": name, "overrides": overrides, "cases": {}}
+    # Dynamo caches compiled code per code object, and every runner compiles the same method:
+    # without a reset, guards that pass could hand this variant the default engine's code,
+    # traced with its attention kernel and Inductor settings. The default engine keeps its
+    # captured CUDA graphs, which is all the later sections replay.
+    torch._dynamo.reset()
     engine = None
     try:
         engine = Engine(
