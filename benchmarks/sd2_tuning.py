@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # `bench.kit` is the sd2_bench module itself: its helpers and
 # Switches tried one at a time against the default optimized config, most promising first.
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("cudnn attention", {"attention": "cudnn"}),
+    ("cuDNN conv autotuning", {"cudnn_benchmark": True}),  # same graph: a cached compile
     ("no channels_last", {"channels_last": False}),
     ("compiled VAE decoder", {"compile_vae": True}),
     ("Inductor tuning flags", {"inductor_tuning": True}),  # the longest compile: last
@@ -348,6 +349,8 @@ def variants(bench: Bench) -> dict:
 def _inapplicable(overrides: dict, config, device: torch.device) -> str | None:
     if overrides.get("attention") in SDPA_BACKENDS_CUDA and device.type != "cuda":
         return f"the {overrides['attention']} SDPA kernel needs CUDA"
+    if overrides.get("cudnn_benchmark") and device.type != "cuda":
+        return "cuDNN needs CUDA"
     if (overrides.get("compile_vae") or overrides.get("inductor_tuning")) and not config.compile:
         return "needs torch.compile, which is off"
     return None
@@ -379,6 +382,7 @@ def _variant(bench, name, overrides, base_config, size, steps, batches, out) -> 
     # traced with its attention kernel and Inductor settings. The default engine keeps its
     # captured CUDA graphs, which is all the later sections replay.
     torch._dynamo.reset()
+    cudnn_benchmark = torch.backends.cudnn.benchmark  # process-wide: restored for the next one
     engine = None
     try:
         engine = Engine(
@@ -424,6 +428,7 @@ def _variant(bench, name, overrides, base_config, size, steps, batches, out) -> 
         run["error"] = f"{type(exc).__name__}: {exc}"[:1000]
         bench._log(f"variant {name} failed: {run['error']}")
     finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         engine = None  # its weights and graph pool, before the next variant loads
         gc.collect()
         if bench.device.type == "cuda":

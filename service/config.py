@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(True, description="Replay the UNet as CUDA graphs per batch bucket.")
     triton_kernels: bool = Field(True, description="Fused GroupNorm+SiLU Triton kernel.")
     channels_last: bool = Field(True, description="NHWC convolutions in the UNet and VAE.")
+    cudnn_benchmark: bool = Field(
+        False, description="cuDNN picks each convolution's algorithm by timing them (cuda)."
+    )
     compile_vae: bool = Field(
         False, description="torch.compile the VAE decoder too (one compile per decode shape)."
     )
@@ -289,6 +292,7 @@ class Settings(BaseSettings):
             "cuda_graphs": self.cuda_graphs,
             "triton_kernels": self.triton_kernels,
             "channels_last": self.channels_last,
+            "cudnn_benchmark": self.cudnn_benchmark,
             "compile_vae": self.compile_vae,
             "inductor_tuning": self.inductor_tuning,
             "attention": self.attention,

@@ -70,6 +70,7 @@ class OptimizationConfig:
     attention: str = "sdpa"
     fuse_qkv: bool = True  # one QKV (self-attn) / KV (cross-attn) GEMM instead of three / two
     channels_last: bool = True  # NHWC convolutions: cuDNN's fast layout on tensor cores
+    cudnn_benchmark: bool = False  # cuDNN times its algorithms per conv shape (process-wide)
     triton_kernels: bool = True  # GroupNorm+SiLU (+ time-embedding add) as one Triton op
     compile: bool = True  # torch.compile (Inductor) the UNet
     compile_mode: str = "default"
@@ -122,6 +123,7 @@ class OptimizationConfig:
         changes: dict[str, Any] = {}
         if device.type != "cuda":
             changes["cuda_graphs"] = False
+            changes["cudnn_benchmark"] = False
         if self.triton_kernels and not triton_runs_on(device):
             changes["triton_kernels"] = False
         if self.compile and self.compile_mode in ("max-autotune", "reduce-overhead"):
@@ -166,6 +168,10 @@ def apply_optimizations(
         set_attention(pipe.vae, "classic" if config.attention == "classic" else "sdpa", None)
         if config.fuse_qkv and config.attention != "classic":
             pipe.unet.fuse_qkv_projections()
+        if config.cudnn_benchmark:
+            # Process-wide: the first call at each new conv shape is timed, later ones take
+            # the fastest algorithm (graph capture's warm-up runs absorb it at fixed shapes).
+            torch.backends.cudnn.benchmark = True
         if config.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)

@@ -114,9 +114,14 @@ def test_settings_drive_the_config_and_the_dtype():
     cuda = OptimizationConfig.for_device("cuda", **settings.engine_optimizations())
     assert cuda.enabled and not cuda.compile and cuda.batch_buckets == (2, 8)
     assert cuda.attention == "flash"
-    tuned = Settings(channels_last=False, compile_vae=True, inductor_tuning=True)
+    tuned = Settings(
+        channels_last=False, compile_vae=True, inductor_tuning=True, cudnn_benchmark=True
+    )
     config = OptimizationConfig.for_device("cuda", **tuned.engine_optimizations())
     assert not config.channels_last and config.compile_vae and config.inductor_tuning
+    assert config.cudnn_benchmark
+    forced_cpu = OptimizationConfig.for_device("cpu", enabled=True, cudnn_benchmark=True)
+    assert not forced_cpu.cudnn_benchmark  # no cuDNN there
     assert not OptimizationConfig.for_device("cpu", **settings.engine_optimizations()).enabled
     forced = Settings(optimize="on").engine_optimizations()
     assert OptimizationConfig.for_device("cpu", **forced).enabled
