@@ -130,18 +130,36 @@ def phases(bench: Bench) -> dict:
             f"phases at batch {batch}: encode {encode_s * 1e3:.1f} ms, denoise {denoise_s:.3f} s "
             f"(UNet alone {unet_s:.3f} s), decode {decode_s * 1e3:.1f} ms"
         )
-    out["decode_batch"] = _decode_batch(bench, engine, pipe, size)
-    out["linear_steps"] = _linear_steps_gain(bench, engine, size)
+    # Each part on its own: one that fails is recorded, and the others still report.
+    _part(bench, out, "decode_batch", lambda: _decode_batch(bench, engine, pipe, size))
+    _part(bench, out, "linear_steps", lambda: _linear_steps_gain(bench, engine, size))
     if device.type == "cuda":
-        out["syncs_per_step"] = {
-            name: _syncs_per_step(bench, engine, pipe, size, name) for name in SYNC_SCHEDULERS
-        }
-        with _linear_steps(engine, False):
-            out["syncs_per_step_stepping_directly"] = {
-                name: _syncs_per_step(bench, engine, pipe, size, name)
-                for name in ("DDIMScheduler", "UniPCMultistepScheduler")
-            }
+        _part(
+            bench,
+            out,
+            "syncs_per_step",
+            lambda: {n: _syncs_per_step(bench, engine, pipe, size, n) for n in SYNC_SCHEDULERS},
+        )
+
+        def direct() -> dict:
+            with _linear_steps(engine, False):
+                return {
+                    n: _syncs_per_step(bench, engine, pipe, size, n)
+                    for n in ("DDIMScheduler", "UniPCMultistepScheduler")
+                }
+
+        _part(bench, out, "syncs_per_step_stepping_directly", direct)
     return out
+
+
+def _part(bench: Bench, out: dict, key: str, measure) -> None:
+    try:
+        out[key] = measure()
+    except Exception as exc:
+        out[key] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+        bench._log(f"phases: {key} failed: {out[key]['error']}")
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _decode_batch(bench: Bench, engine, pipe, size: int) -> dict:
