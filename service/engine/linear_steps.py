@@ -89,4 +89,8 @@ class LinearStepper:
         if self._pin:  # a pinned source makes the copy asynchronous
             coefficients = coefficients.pin_memory()
         coefficients = coefficients.to(self.basis.device, non_blocking=True)
-        return torch.tensordot(coefficients, self.basis[: self.size], dims=1)
+        basis = self.basis[: self.size]
+        # A multiply and a sum, not a matmul: a matmul may run in TF32 where a deployment
+        # allows it, and these latents are carried for every remaining step.
+        weights = coefficients.reshape(-1, *([1] * (basis.dim() - 1)))
+        return (weights * basis).sum(0)
