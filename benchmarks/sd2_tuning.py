@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import statistics
 import warnings
 from collections.abc import Iterator
@@ -340,7 +341,9 @@ def variants(bench: Bench) -> dict:
     out: dict = {
         "size": size,
         "steps": steps,
-        "baseline_s_per_image": {str(b): s for b, s in baseline.items()},
+        "baseline_s_per_image": {
+            str(b): s if math.isfinite(s) else None for b, s in baseline.items()
+        },
         "runs": [],
         "skipped": [],
     }
@@ -422,7 +425,7 @@ def _variant(bench, name, overrides, base_config, size, steps, batches, out) -> 
                 timed(bench.device, lambda r=request: engine.generate(r))[0] for _ in range(repeats)
             ]
             per_image = statistics.median(times) / batch
-            base = out["baseline_s_per_image"].get(str(batch))
+            base = out["baseline_s_per_image"].get(str(batch))  # None: not measured
             run["cases"][str(batch)] = {
                 "seconds": [round(t, 4) for t in times],
                 "s_per_image": round(per_image, 4),
@@ -431,7 +434,8 @@ def _variant(bench, name, overrides, base_config, size, steps, batches, out) -> 
             }
         stats = runner_for(engine.load(kit.MODEL_ID)).stats
         run["runner"] = {
-            k: getattr(stats, k) for k in ("compile_error", "graph_error", "graph_replays")
+            k: getattr(stats, k)
+            for k in ("compile_error", "graph_error", "graph_replays", "eager_calls")
         }
         speedups = [c["speedup_vs_default"] or 0 for c in run["cases"].values()]
         run["wins"] = max(speedups) >= WIN_MIN and not stats.compile_error
