@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -63,12 +62,6 @@ DEFAULT_SCHEDULERS = (
     "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the workload ------------------------------------------------------------------------------
@@ -479,6 +472,7 @@ def run_serve(args, folder: Path, save) -> tuple[dict, float]:
     import ray
     from ray import serve
 
+    from service.ports import free_port
     from service.serving.app import apply_ray_env
 
     gpus = 0.5 if args.device.startswith("cuda") else 0  # both replicas on one GPU, idle by turns

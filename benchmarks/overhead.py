@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,12 +52,6 @@ BODY = {
     "num_inference_steps": 1,
     "seed": 1234,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the client --------------------------------------------------------------------------------
@@ -323,6 +316,7 @@ def run_phase(stack: str, args) -> dict[str, Any]:
     import ray
     from ray import serve
 
+    from service.ports import free_port
     from service.serving.app import build_app
 
     data_dir = Path(tempfile.mkdtemp(prefix="sdserve-overhead-"))

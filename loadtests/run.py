@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -56,12 +55,6 @@ def parse_duration(text: str) -> float:
     if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
         raise ValueError(f"not a duration: {text!r} (use e.g. 60s, 2m, 1h30m)")
     return float(sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- keys -------------------------------------------------------------------------------------
@@ -117,6 +110,8 @@ def local_server(run_dir: Path, serve_config: Path, log_path: Path, webhook_host
     """`sdserve serve` on free loopback ports with the run's own database and image folder;
     yields (base_url, metrics_url, database_url, config). Stopped with SIGINT, as Ctrl-C.
     `webhook_host` is added to the webhook targets the service allows."""
+    from service.ports import free_port
+
     config = yaml.safe_load(serve_config.read_text())
     args = config["applications"][0].setdefault("args", {})
     settings = args.setdefault("settings", {})

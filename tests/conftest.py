@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from service.ports import free_port  # noqa: F401  (tests import it from here)
 
 # Nothing in the tests may reach for a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,12 +24,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from service.engine.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd2", seed=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -13,6 +11,7 @@ from ray import serve
 from ray.serve import Application
 
 from service.config import load_settings
+from service.ports import free_ports
 from service.serving.generator import Generator
 from service.serving.ingress import Ingress
 
@@ -44,19 +43,9 @@ HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_S
 
 
 def single_node_ray_env() -> dict[str, str]:
-    ports = dict(zip(HAPROXY_PORT_VARIABLES, _free_ports(len(HAPROXY_PORT_VARIABLES)), strict=True))
-    return {**SINGLE_NODE_RAY_ENV, **ports}
-
-
-def _free_ports(count: int) -> list[str]:
-    """`count` distinct ports free on all interfaces now (all held until each is chosen)."""
-    with contextlib.ExitStack() as held:
-        ports = []
-        for _ in range(count):
-            s = held.enter_context(socket.socket())
-            s.bind(("", 0))
-            ports.append(str(s.getsockname()[1]))
-        return ports
+    ports = free_ports(len(HAPROXY_PORT_VARIABLES))
+    named = {name: str(port) for name, port in zip(HAPROXY_PORT_VARIABLES, ports, strict=True)}
+    return {**SINGLE_NODE_RAY_ENV, **named}
 
 
 def apply_ray_env() -> None:

@@ -4,6 +4,7 @@ operator's own value of any of them kept, and HAProxy's ports free ones on this 
 import os
 import socket
 
+from service.ports import PORT_RANGE, ephemeral_range
 from service.serving.app import (
     HAPROXY_PORT_VARIABLES,
     RAY_ENV,
@@ -42,6 +43,10 @@ def test_haproxy_ports_are_free_ones_not_rays_fixed_ones(monkeypatch):
         apply_ray_env()
         ports = [int(os.environ[name]) for name in HAPROXY_PORT_VARIABLES]
         assert len(set(ports)) == 2 and not {9101, 8404} & set(ports)
+        # outside the range the kernel hands out to anyone binding port 0 in the meantime
+        low, high = ephemeral_range()
+        assert not any(low <= port <= high for port in ports)
+        assert all(PORT_RANGE[0] <= port <= PORT_RANGE[1] for port in ports)
         for port in ports:
             with socket.socket() as s:
                 s.bind(("", port))  # still free
