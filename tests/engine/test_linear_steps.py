@@ -145,3 +145,38 @@ def test_the_engine_makes_the_same_images_with_and_without_the_twin(engines, sch
     reference = direct_engine.generate([params])[0].images
     for a, b in zip(ours, reference, strict=True):
         assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= 1
+
+
+def test_step_level_batching_with_the_twin_equals_each_request_alone(engines):
+    """Requests of several schedulers join the running set mid-flight (service/engine/
+    continuous.py), each stepping its own twin; each image equals the request made alone by
+    the engine that steps its scheduler directly."""
+    from service.engine.continuous import ContinuousBatcher
+
+    twin_engine, direct_engine = engines
+    mix = [
+        GenerationParams(prompt="unipc", seed=5, width=64, height=64, num_inference_steps=4),
+        GenerationParams(
+            prompt="dpm karras", seed=6, width=64, height=64, num_inference_steps=5,
+            scheduler="DPMSolverMultistepScheduler", use_karras_sigmas=True, samples=2,
+        ),
+        GenerationParams(
+            prompt="ancestral", seed=7, width=64, height=64, num_inference_steps=3,
+            scheduler="EulerAncestralDiscreteScheduler",
+        ),
+        GenerationParams(
+            prompt="heun", seed=8, width=64, height=64, num_inference_steps=3,
+            scheduler="HeunDiscreteScheduler", guidance_scale=1.0,
+        ),
+    ]  # fmt: skip
+    batcher = ContinuousBatcher(twin_engine, max_running_images=16)
+    futures = []
+    for params in mix:  # one arrival per step
+        futures.append(batcher.submit(params))
+        batcher.step()
+    batcher.run_until_idle()
+    for params, future in zip(mix, futures, strict=True):
+        got = future.result(timeout=0).images
+        expected = direct_engine.generate([params])[0].images
+        for a, b in zip(got, expected, strict=True):
+            assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= 1
