@@ -238,7 +238,7 @@ def make_engine(args, model_dir: Path, compile_cache_dir: Path | None):
     )
 
 
-def requests(size: int, steps: int, batch: int, seed: int = 0) -> list:
+def requests(size: int, steps: int, batch: int, seed: int = 0, scheduler: str = SCHEDULER) -> list:
     from service.engine.protocol import GenerationParams
 
     return [
@@ -250,7 +250,7 @@ def requests(size: int, steps: int, batch: int, seed: int = 0) -> list:
             num_inference_steps=steps,
             guidance_scale=GUIDANCE,
             seed=seed + i,
-            scheduler=SCHEDULER,
+            scheduler=scheduler,
             use_karras_sigmas=False,
         )
         for i in range(batch)

@@ -55,23 +55,8 @@ SDPA_KERNELS = {  # one kernel each, no fallback: what each one costs at each sh
 
 
 def params(bench: Bench, size: int, steps: int, batch: int, scheduler: str | None = None):
-    from service.engine.protocol import GenerationParams
-
-    kit = bench.kit
-    return [
-        GenerationParams(
-            prompt=kit.PROMPT,
-            model_id=kit.MODEL_ID,
-            width=size,
-            height=size,
-            num_inference_steps=steps,
-            guidance_scale=kit.GUIDANCE,
-            seed=i,
-            scheduler=scheduler or kit.SCHEDULER,
-            use_karras_sigmas=False,
-        )
-        for i in range(batch)
-    ]
+    """sd2_bench's requests (its prompt, guidance and seeds), with another scheduler if named."""
+    return bench.kit.requests(size, steps, batch, scheduler=scheduler or bench.kit.SCHEDULER)
 
 
 # --- phases -----------------------------------------------------------------------------------
