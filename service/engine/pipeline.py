@@ -518,12 +518,11 @@ class Engine:
             for group in by_size.values():
                 self.denoise_step(pipe, group)
             return
-        inputs, timesteps, cpu_timesteps = [], [], []
+        inputs, timesteps = [], []
         for state in states:
             t = state.timesteps[state.step]
             inputs.append(state.scheduler.scale_model_input(state.latents, t))
             timesteps.append(state.unet_timesteps[state.step].reshape(1).expand(state.samples))
-            cpu_timesteps.append(t.float().reshape(1).expand(state.samples))
         cfg = [i for i, state in enumerate(states) if state.uncond_embeds is not None]
         n_uncond = sum(states[i].samples for i in cfg)
         # first row of each request's unconditional rows (CFG only) and of its conditional ones
@@ -543,9 +542,10 @@ class Engine:
             capture = AttentionCapture(pipe.unet, rows)
             hooks.append(capture.installed())
         all_timesteps = torch.cat([timesteps[i] for i in cfg] + timesteps)
-        hooks += self._merging_hooks(
-            pipe, states, inputs[0], torch.cat([cpu_timesteps[i] for i in cfg] + cpu_timesteps)
-        )
+        if states[0].params.tomesd:  # its merge cells follow each row's timestep, read on the CPU
+            rows = [states[i] for i in cfg] + states
+            cpu_rows = torch.cat([s.timesteps[s.step].float().expand(s.samples) for s in rows])
+            hooks += self._merging_hooks(pipe, states, inputs[0], cpu_rows)
 
         # The runner (service/engine/optimize.py) calls the stock, compiled or graphed UNet;
         # with hooks (token merging, SAG's attention capture) it runs the eager one.
@@ -559,9 +559,20 @@ class Engine:
         )
 
         noise = list(noise_pred[n_uncond:].split([state.samples for state in states]))
-        for i in cfg:  # a Python float per request: a scale tensor would be a copy to the device
-            uncond = noise_pred[uncond_start[i] : uncond_start[i] + states[i].samples]
-            noise[i] = uncond + states[i].params.guidance_scale * (noise[i] - uncond)
+        # One guidance op per distinct scale, the scale a Python float: a tensor of per-row
+        # scales would be a host-to-device copy, which waits for the GPU.
+        by_scale: dict[float, list[int]] = {}
+        for i in cfg:
+            by_scale.setdefault(states[i].params.guidance_scale, []).append(i)
+        for scale, members in by_scale.items():
+            uncond = torch.cat(
+                [noise_pred[uncond_start[i] : uncond_start[i] + states[i].samples] for i in members]
+            )
+            guided = uncond + scale * (torch.cat([noise[i] for i in members]) - uncond)
+            for i, rows in zip(
+                members, guided.split([states[i].samples for i in members]), strict=True
+            ):
+                noise[i] = rows
         if sag:
             self._self_attention_guidance(pipe, states, sag, noise, noise_pred, capture)
 
