@@ -9,8 +9,10 @@ which further switches pay, measured on the whole pipeline rather than guessed.
 - `attention`: every SDPA kernel torch has (flash, memory-efficient, cuDNN) at SD2's attention
   shapes, and their sum over one UNet forward: what pinning a kernel could gain.
 - `variants`: the whole optimized pipeline again with one switch changed (cuDNN attention, no
-  channels_last, compiled VAE), each compiled and timed at batch 1 and the largest batch
-  against the default; then the switches that won, together.
+  channels_last, compiled VAE, FP8 linears...), each compiled and timed at batch 1 and the
+  largest batch against the default, and its batch-1 image compared with the default's (a
+  switch may only win if the image stays within the correctness check's bounds); then the
+  switches that won, together.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from service.engine.fp8 import fp8_runs_on
+
 if TYPE_CHECKING:  # `bench.kit` is the sd2_bench module itself: its helpers and constants
     from sd2_bench import Bench
 
@@ -35,10 +39,16 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("cudnn attention", {"attention": "cudnn"}),
     ("cuDNN conv autotuning", {"cudnn_benchmark": True}),  # same graph: a cached compile
     ("no channels_last", {"channels_last": False}),
+    # Changes the numbers (e4m3 linears): it can only win if its image passes (below).
+    ("FP8 linears", {"fp8_linears": True}),
     ("compiled VAE decoder", {"compile_vae": True}),
     ("Inductor tuning flags", {"inductor_tuning": True}),  # the longest compile: last
 ]
-WIN_MIN = 1.02  # a variant "wins" when it is at least 2 % faster at some measured batch
+WIN_MIN = 1.02  # a variant "wins" when it is at least 2 % faster at some measured batch...
+# ...and its final latents are within this of the default's: the default was 1.0e-2 from fp32
+# stock in call 1, so a variant within 2.5e-2 of it stays under the check's 5e-2 floor
+# (triangle inequality); its image must also keep the check's 30 dB against the default's.
+VARIANT_LATENT_REL_ERR_MAX = 2.5e-2
 SYNC_SCHEDULERS = (
     "DDIMScheduler",
     "UniPCMultistepScheduler",
@@ -329,9 +339,14 @@ def variants(bench: Bench) -> dict:
         "baseline_s_per_image": {
             str(b): s if math.isfinite(s) else None for b, s in baseline.items()
         },
+        "quality_bounds": {
+            "latent_rel_err_vs_default_max": VARIANT_LATENT_REL_ERR_MAX,
+            "image_psnr_db_vs_default_min": bench.kit.CHECK_PSNR_MIN_DB,
+        },
         "runs": [],
         "skipped": [],
     }
+    reference = final_output(bench, bench.engine, size, steps)
     if not base_config.enabled:
         out["skipped"].append("the optimized path is off (--optimize off): nothing to vary")
         return out
@@ -341,15 +356,50 @@ def variants(bench: Bench) -> dict:
         if reason:
             out["skipped"].append(f"{name}: {reason}")
             continue
-        tried.append(_variant(bench, name, overrides, base_config, size, steps, batches, out))
+        tried.append(
+            _variant(bench, name, overrides, base_config, size, steps, batches, out, reference)
+        )
         bench.result["variants"] = out
         bench.write(final=False)  # a kill at the call's time limit keeps the variants so far
     winners = [run for run in tried if run and run.get("wins")]
     if len(winners) >= 2:
         overrides = {k: v for run in winners for k, v in run["overrides"].items()}
         names = " + ".join(run["name"] for run in winners)
-        _variant(bench, names, overrides, base_config, size, steps, batches, out)
+        _variant(bench, names, overrides, base_config, size, steps, batches, out, reference)
     return out
+
+
+def final_output(bench: Bench, engine, size: int, steps: int) -> tuple[torch.Tensor, ...]:
+    """Final latents and decoded [0, 1] image of sd2_bench's batch-1 request."""
+    from service.engine.optimize import runner_for
+
+    pipe = engine.load(bench.kit.MODEL_ID)
+    with torch.inference_mode():
+        states = engine.start_requests(pipe, params(bench, size, steps, 1))
+        while not all(s.done for s in states):
+            engine.denoise_step(pipe, [s for s in states if not s.done])
+        latents = states[0].latents.float()
+        image = (runner_for(pipe).decode(latents) / 2 + 0.5).clamp(0, 1).float()
+    return latents, image
+
+
+def _quality(bench: Bench, engine, size: int, steps: int, reference: tuple) -> dict:
+    """The variant's batch-1 output against the default engine's (`reference`), same request
+    and noise."""
+    kit = bench.kit
+    latents, image = final_output(bench, engine, size, steps)
+    ref_latents, ref_image = reference
+    quality = {
+        "finite": bool(torch.isfinite(latents).all()),
+        "latent_rel_err": kit._rel(latents, ref_latents),
+        "image_psnr_db": kit._psnr(image, ref_image),
+    }
+    quality["ok"] = bool(
+        quality["finite"]
+        and quality["latent_rel_err"] <= VARIANT_LATENT_REL_ERR_MAX
+        and quality["image_psnr_db"] >= kit.CHECK_PSNR_MIN_DB
+    )
+    return quality
 
 
 def _inapplicable(overrides: dict, config, device: torch.device) -> str | None:
@@ -359,6 +409,8 @@ def _inapplicable(overrides: dict, config, device: torch.device) -> str | None:
         return "cuDNN needs CUDA"
     if (overrides.get("compile_vae") or overrides.get("inductor_tuning")) and not config.compile:
         return "needs torch.compile, which is off"
+    if overrides.get("fp8_linears") and not fp8_runs_on(device):
+        return "needs FP8 tensor cores (compute capability 8.9+)"
     return None
 
 
@@ -369,7 +421,9 @@ def _baseline(bench: Bench, size: int, steps: int, batch: int) -> float:
     return bench.seconds_per_image.get(key, float("nan"))
 
 
-def _variant(bench, name, overrides, base_config, size, steps, batches, out) -> dict | None:
+def _variant(
+    bench, name, overrides, base_config, size, steps, batches, out, reference
+) -> dict | None:
     from service.engine.optimize import runner_for
     from service.engine.pipeline import Engine
 
@@ -422,14 +476,17 @@ def _variant(bench, name, overrides, base_config, size, steps, batches, out) -> 
             k: getattr(stats, k)
             for k in ("compile_error", "graph_error", "graph_replays", "eager_calls")
         }
+        run["quality"] = quality = _quality(bench, engine, size, steps, reference)
         speedups = [c["speedup_vs_default"] or 0 for c in run["cases"].values()]
-        run["wins"] = max(speedups) >= WIN_MIN and not stats.compile_error
+        run["wins"] = max(speedups) >= WIN_MIN and not stats.compile_error and quality["ok"]
         bench._log(
             f"variant {name}: "
             + ", ".join(
                 f"batch {b} {c['s_per_image']:.3f} s/image (x{c['speedup_vs_default']})"
                 for b, c in run["cases"].items()
             )
+            + f"; vs default: latents {quality['latent_rel_err']:.2e}, "
+            f"image {quality['image_psnr_db']} dB"
         )
     except Exception as exc:  # a variant that cannot run is a result, not a crash
         run["error"] = f"{type(exc).__name__}: {exc}"[:1000]

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
         "kernel tuning and frozen weights (a longer compile; benchmarks/sd2_tuning.py measures "
         "the gain).",
     )
+    fp8_linears: bool = Field(
+        False,
+        description="The UNet's transformer linears as FP8 (e4m3) matmuls, on GPUs with FP8 "
+        "tensor cores (compute capability 8.9+); images move slightly (benchmarks/README.md).",
+    )
     attention: Literal["sdpa", "flash", "efficient", "cudnn", "math", "classic"] = Field(
         "sdpa",
         description="'sdpa' lets torch pick the kernel; flash, efficient and math pin one; "
@@ -295,6 +300,7 @@ class Settings(BaseSettings):
             "cudnn_benchmark": self.cudnn_benchmark,
             "compile_vae": self.compile_vae,
             "inductor_tuning": self.inductor_tuning,
+            "fp8_linears": self.fp8_linears,
             "attention": self.attention,
             "batch_buckets": tuple(self.batch_buckets),
             "max_compiled_sizes": self.max_compiled_sizes,

@@ -1,7 +1,8 @@
 """The optimized SD2 path: what is changed on a loaded pipeline, and how the engine calls it.
 
 `apply_optimizations(pipe, config, device)` changes a loaded `StableDiffusionPipeline` in place
-(attention processors, fused QKV, channels_last, fused GroupNorm+SiLU Triton kernels) and
+(attention processors, fused QKV, channels_last, fused GroupNorm+SiLU Triton kernels, FP8
+transformer linears when asked for) and
 attaches a `PipelineRunner`, through which `Engine.denoise_step` calls the UNet and
 `Engine.decode` the VAE. The runner adds what needs state across calls: torch.compile and CUDA
 graphs. With `OptimizationConfig(enabled=False)` (the default, and on CPU) the runner is a plain
@@ -15,8 +16,9 @@ Shape policy (bounded recompiles and graph captures):
   of `batch_buckets` and one graph is captured per (bucket, latent size), all buckets of a size
   at its first use, largest first into one shared memory pool. Rows beyond the largest bucket
   run in chunks of that bucket.
-- Loaded LoRA adapters (peft) switch the runner to the eager UNet with unfused projections:
-  a captured graph or a fused QKV weight would silently ignore an adapter change.
+- Loaded LoRA adapters (peft) switch the runner to the eager UNet with unfused projections and
+  bf16 linears: a captured graph, a fused QKV weight or an FP8 copy of a weight would silently
+  ignore an adapter change.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from service.engine.fp8 import convert_linears, fp8_runs_on, restore_linears
 from service.engine.kernels import group_norm_silu, group_norm_silu_triton, triton_runs_on
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,7 @@ class OptimizationConfig:
     channels_last: bool = True  # NHWC convolutions: cuDNN's fast layout on tensor cores
     cudnn_benchmark: bool = False  # cuDNN times its algorithms per conv shape (process-wide)
     triton_kernels: bool = True  # GroupNorm+SiLU (+ time-embedding add) as one Triton op
+    fp8_linears: bool = False  # transformer linears in e4m3 (fp8.py); Ada/Hopper, unmeasured
     compile: bool = True  # torch.compile (Inductor) the UNet
     compile_mode: str = "default"
     inductor_tuning: bool = False  # INDUCTOR_TUNING while the UNet compiles
@@ -126,6 +130,8 @@ class OptimizationConfig:
             changes["cudnn_benchmark"] = False
         if self.triton_kernels and not triton_runs_on(device):
             changes["triton_kernels"] = False
+        if self.fp8_linears and not fp8_runs_on(device):
+            changes["fp8_linears"] = False
         if self.compile and self.compile_mode in ("max-autotune", "reduce-overhead"):
             changes["cuda_graphs"] = False  # these modes capture Inductor's own CUDA graphs
         return replace(self, **changes) if changes else self
@@ -178,6 +184,8 @@ def apply_optimizations(
         if config.triton_kernels:
             fuse_group_norm_silu(pipe.unet, group_norm_silu_triton)
             fuse_group_norm_silu(pipe.vae.decoder, group_norm_silu_triton)
+        if config.fp8_linears:  # after fuse_qkv: the fused projections are the ones called
+            convert_linears(pipe.unet)
         if config.compile and config.compile_vae:
             pipe.vae.decoder.compile(
                 backend=config.compile_backend, mode=_inductor_mode(config.compile_mode)
@@ -562,12 +570,14 @@ class PipelineRunner:
         return torch._inductor.config.patch(INDUCTOR_TUNING)
 
     def _adapters_loaded(self) -> bool:
-        """peft adapters on the UNet: graphs and fused projections would ignore them."""
+        """peft adapters on the UNet: graphs, fused projections and FP8 weights would ignore
+        them."""
         if not getattr(self.pipe.unet, "_hf_peft_config_loaded", False):
             return False
         if not self._unfused_for_adapters:
             if getattr(self.pipe.unet, "original_attn_processors", None) is not None:
                 self.pipe.unet.unfuse_qkv_projections()
+            restore_linears(self.pipe.unet)
             self._graphs.clear()
             self._unfused_for_adapters = True
         return True

@@ -49,6 +49,11 @@ def test_ci_run_measures_both_pipelines(ci_result):
     summary = ci_result["summary"]["64px_2_steps"]
     assert summary["stock"]["latency_batch_1_s"] > 0
     assert summary["throughput_speedup"] > 0
+    stock, optimized = summary["stock"], summary["optimized"]
+    assert summary["speedup_vs_stock_alone"] == pytest.approx(
+        optimized["best_images_per_s"] * stock["latency_batch_1_s"], rel=2e-3
+    )
+    assert "speedup_ceiling_at_peak" not in summary  # no peak rate on CPU, so no ceiling
     assert not ci_result.get("errors")
     assert ci_result["elapsed_s"] < 60
 
@@ -92,11 +97,23 @@ def test_ci_run_has_the_tuning_sections(ci_result):
     assert "cudnn attention: the cudnn SDPA kernel needs CUDA" in skipped
     assert "compiled VAE decoder: needs torch.compile" in skipped  # --no-compile
     runs = {run["name"]: run for run in variants["runs"]}
-    assert "no channels_last" in runs
+    assert {"no channels_last", "FP8 linears"} <= set(runs)
     for run in runs.values():
         assert "error" not in run, run
         for case in run["cases"].values():
             assert case["s_per_image"] > 0 and case["speedup_vs_default"] > 0
+    # Each variant's image against the default's: a memory layout changes rounding only (fp32
+    # on CPU); e4m3 linears change the numbers, visibly on the tiny model.
+    layout = runs["no channels_last"]["quality"]
+    assert layout["finite"] and layout["latent_rel_err"] < 1e-4 and layout["ok"]
+    fp8 = runs["FP8 linears"]["quality"]
+    assert fp8["finite"] and fp8["latent_rel_err"] > 1e-3
+    bounds = variants["quality_bounds"]
+    assert fp8["ok"] == (
+        fp8["latent_rel_err"] <= bounds["latent_rel_err_vs_default_max"]
+        and fp8["image_psnr_db"] >= bounds["image_psnr_db_vs_default_min"]
+    )
+    assert all(run["quality"]["ok"] for run in runs.values() if run["wins"])
 
 
 def test_sd2_configs_have_the_real_sizes_and_issue_9_costs():

@@ -20,6 +20,13 @@ from diffusers.models.attention_processor import (
 )
 
 from service.config import Settings
+from service.engine.fp8 import (
+    FP8_ATTRIBUTE,
+    fp8_runs_on,
+    quantize_rows,
+    restore_linears,
+    to_float8,
+)
 from service.engine.kernels import triton_runs_on
 from service.engine.optimize import (
     GroupNormSiLU,
@@ -31,6 +38,7 @@ from service.engine.optimize import (
 )
 from service.engine.pipeline import Engine
 from service.engine.protocol import GenerationParams
+from service.engine.tiny_model import build_tiny_lora
 from service.serving.generator import resolve_dtype
 
 pytestmark = pytest.mark.filterwarnings(
@@ -248,6 +256,80 @@ def test_loaded_adapters_switch_to_the_eager_unfused_unet(tiny_model_dir, stock)
         assert processors == {AttnProcessor2_0}
     finally:
         pipe.unet._hf_peft_config_loaded = False
+
+
+# --- FP8 linears ------------------------------------------------------------------------------
+
+
+def test_fp8_linear_scales_per_row_and_restores_exactly():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(320, 640)
+    x = torch.randn(3, 50, 320)
+    x[0, 7] *= 1000  # one token with huge values: per-token scales keep the others precise
+    with torch.no_grad():
+        reference = linear(x)
+        to_float8(linear)
+        assert getattr(linear, FP8_ATTRIBUTE)[0].dtype == torch.float8_e4m3fn
+        output = linear(x)
+        assert output.shape == reference.shape and output.dtype == x.dtype
+        # e4m3 keeps 3 mantissa bits: ~2 % rounding per operand, averaged over 320 products.
+        errors = (output - reference).norm(dim=-1) / reference.norm(dim=-1)
+        assert 1e-3 < float(errors.max()) < 0.06
+        restore_linears(linear)
+        assert torch.equal(linear(x), reference)
+    q, scale = quantize_rows(torch.zeros(2, 16))  # an all-zero row: no division by zero
+    assert torch.isfinite(scale).all() and not q.float().any()
+
+
+def test_fp8_needs_fp8_tensor_cores(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, supported in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _d, c=capability: c)
+        assert fp8_runs_on("cuda") is supported
+        config = OptimizationConfig.for_device("cuda", fp8_linears=True)
+        assert config.fp8_linears is supported
+    assert not OptimizationConfig.for_device("cuda").fp8_linears  # opt-in
+    settings = Settings(fp8_linears=True)
+    assert OptimizationConfig.for_device("cuda", **settings.engine_optimizations()).fp8_linears
+
+
+def test_fp8_linears_in_the_engine(tiny_model_dir):
+    """The linears the transformer blocks call go through FP8 (the fused projections, not the
+    unused separate ones), except the sensitive ones (fp8.convert_linears); compiled or not,
+    the latents stay finite and near fp32's."""
+    reference = _latents(Engine({MODEL: tiny_model_dir}, optimizations=cpu_config()), request())
+    for compile_ in (False, True):
+        engine = Engine(
+            {MODEL: tiny_model_dir}, optimizations=cpu_config(fp8_linears=True, compile=compile_)
+        )
+        unet = engine.load(MODEL).unet
+        converted = [name for name, m in unet.named_modules() if hasattr(m, FP8_ATTRIBUTE)]
+        for suffix in ("attn1.to_qkv", "attn1.to_out.0", "attn2.to_q", "ff.net.0.proj"):
+            assert any(name.endswith(suffix) for name in converted), suffix
+        unused = ("attn1.to_q", "attn1.to_k", "attn1.to_v")  # fused into to_qkv
+        sensitive = ("proj_in", "proj_out", "attn2.to_kv", "attn2.to_out.0")  # kept bf16
+        assert not any(name.endswith(unused + sensitive) for name in converted)
+        assert not any("time_emb" in name for name in converted)
+        latents = _latents(engine, request())
+        assert torch.isfinite(latents).all()
+        # The tiny random model is the worst case (the full-size one is measured on a GPU).
+        error = float((latents - reference).norm() / reference.norm())
+        assert 1e-3 < error < 0.3, error
+    assert runner_for(engine.load(MODEL)).stats.compile_error is None
+
+
+def test_a_real_lora_runs_on_the_original_linears_not_fp8(tiny_model_dir, tmp_path):
+    """peft wraps the converted linears; the runner then restores their plain forward, so the
+    LoRA image equals stock's with the same LoRA."""
+    lora = build_tiny_lora(tiny_model_dir, tmp_path / "style.safetensors", seed=3)
+    models, loras = {MODEL: tiny_model_dir}, {"style": lora}
+    engine = Engine(models, loras=loras, optimizations=cpu_config(fp8_linears=True))
+    stock_with_lora = Engine(models, loras=loras)
+    pipe = engine.load(MODEL)
+    assert any(hasattr(m, FP8_ATTRIBUTE) for m in pipe.unet.modules())
+    batch = [request(seed=5, loras=(("style", 1.0),))]
+    assert max_diff(engine.generate(batch), stock_with_lora.generate(batch)) <= 1
+    assert not any(hasattr(m, FP8_ATTRIBUTE) for m in pipe.unet.modules())
 
 
 # --- SD2's fp16 attention overflow ----------------------------------------------------------------
