@@ -346,10 +346,10 @@ def variants(bench: Bench) -> dict:
         "runs": [],
         "skipped": [],
     }
-    reference = final_output(bench, bench.engine, size, steps)
     if not base_config.enabled:
         out["skipped"].append("the optimized path is off (--optimize off): nothing to vary")
         return out
+    reference = final_output(bench, bench.engine, size, steps)
     tried = []
     for name, overrides in VARIANTS:
         reason = _inapplicable(overrides, base_config, bench.device)
