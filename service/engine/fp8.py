@@ -84,7 +84,7 @@ def convert_linears(unet: nn.Module) -> int:
     encoder's embeddings; benchmarks/fp8_sensitivity.py, results/fp8-sensitivity-cpu.json),
     each group alone in FP8 moved the noise prediction by: proj_in 4.1 %, proj_out 4.8 %,
     cross-attention output 2.4 %, cross-attention K/V 1.2 %; the others 0.06-1.1 %. Those
-    four groups stay bf16, so FP8 covers 80 % of the linears' FLOPs there (more at 96×96
+    four groups stay bf16, so FP8 covers 80 % of the linears' FLOPs there (84 % at 96×96
     latents, where the 77 text tokens' K/V are a smaller share) and moves the prediction 1.7 %.
 
     Also left in bf16: linears outside the blocks (time embedding, resnets' time projections),
