@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     )
     cuda_graphs: bool = Field(True, description="Replay the UNet as CUDA graphs per batch bucket.")
     triton_kernels: bool = Field(True, description="Fused GroupNorm+SiLU Triton kernel.")
+    triton_unet: bool = Field(
+        True,
+        description="The Triton kernel in the UNet too; off: torch.compile fuses the UNet's "
+        "norms itself and only the VAE decoder uses the kernel.",
+    )
     channels_last: bool = Field(True, description="NHWC convolutions in the UNet and VAE.")
     cudnn_benchmark: bool = Field(
         False, description="cuDNN picks each convolution's algorithm by timing them (cuda)."
@@ -296,6 +301,7 @@ class Settings(BaseSettings):
             "compile_cache_dir": self.compile_cache_dir,
             "cuda_graphs": self.cuda_graphs,
             "triton_kernels": self.triton_kernels,
+            "triton_unet": self.triton_unet,
             "channels_last": self.channels_last,
             "cudnn_benchmark": self.cudnn_benchmark,
             "compile_vae": self.compile_vae,

@@ -75,6 +75,7 @@ class OptimizationConfig:
     channels_last: bool = True  # NHWC convolutions: cuDNN's fast layout on tensor cores
     cudnn_benchmark: bool = False  # cuDNN times its algorithms per conv shape (process-wide)
     triton_kernels: bool = True  # GroupNorm+SiLU (+ time-embedding add) as one Triton op
+    triton_unet: bool = True  # the op in the UNet too; off: Inductor fuses the UNet's norms
     fp8_linears: bool = False  # transformer linears in e4m3 (fp8.py); Ada/Hopper, unmeasured
     compile: bool = True  # torch.compile (Inductor) the UNet
     compile_mode: str = "default"
@@ -182,7 +183,8 @@ def apply_optimizations(
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
         if config.triton_kernels:
-            fuse_group_norm_silu(pipe.unet, group_norm_silu_triton)
+            if config.triton_unet:
+                fuse_group_norm_silu(pipe.unet, group_norm_silu_triton)
             fuse_group_norm_silu(pipe.vae.decoder, group_norm_silu_triton)
         if config.fp8_linears:  # after fuse_qkv: the fused projections are the ones called
             convert_linears(pipe.unet)

@@ -123,11 +123,15 @@ def test_settings_drive_the_config_and_the_dtype():
     assert cuda.enabled and not cuda.compile and cuda.batch_buckets == (2, 8)
     assert cuda.attention == "flash"
     tuned = Settings(
-        channels_last=False, compile_vae=True, inductor_tuning=True, cudnn_benchmark=True
+        channels_last=False,
+        compile_vae=True,
+        inductor_tuning=True,
+        cudnn_benchmark=True,
+        triton_unet=False,
     )
     config = OptimizationConfig.for_device("cuda", **tuned.engine_optimizations())
     assert not config.channels_last and config.compile_vae and config.inductor_tuning
-    assert config.cudnn_benchmark
+    assert config.cudnn_benchmark and not config.triton_unet
     forced_cpu = OptimizationConfig.for_device("cpu", enabled=True, cudnn_benchmark=True)
     assert not forced_cpu.cudnn_benchmark  # no cuDNN there
     assert not OptimizationConfig.for_device("cpu", **settings.engine_optimizations()).enabled
@@ -238,6 +242,12 @@ def test_triton_kernels_in_the_engine_match_stock(tiny_model_dir, stock):
     assert isinstance(pipe.vae.decoder.conv_norm_out, GroupNormSiLU)
     batch = [request(num_inference_steps=1)]
     assert max_diff(engine.generate(batch), stock.generate(batch)) <= 1
+    # The UNet's norms left to Inductor; the VAE decoder keeps the op.
+    config = cpu_config(triton_kernels=True, triton_unet=False)
+    pipe = Engine({MODEL: tiny_model_dir}, optimizations=config).load(MODEL)
+    assert isinstance(pipe.unet.down_blocks[0].resnets[0].norm1, torch.nn.GroupNorm)
+    assert not any(isinstance(m, GroupNormSiLU) for m in pipe.unet.modules())
+    assert isinstance(pipe.vae.decoder.conv_norm_out, GroupNormSiLU)
 
 
 def test_loaded_adapters_switch_to_the_eager_unfused_unet(tiny_model_dir, stock):
