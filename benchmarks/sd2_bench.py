@@ -829,14 +829,8 @@ def check_against_fp32(bench: Bench, size: int, steps: int) -> dict:
         )[0].float()
 
         engine = bench.engine
-        pipe = engine.load(MODEL_ID)
-        states = engine.start_requests(pipe, requests(size, steps, 1))
-        while not all(s.done for s in states):
-            engine.denoise_step(pipe, [s for s in states if not s.done])
-        opt_latents = states[0].latents.float()
-        runner = bench.runner()
-        opt_images = ((runner.decode(opt_latents) / 2 + 0.5).clamp(0, 1)).float()
-        opt_step = runner.unet(x, t, ehs).float()
+        opt_latents, opt_images = engine_output(engine, size, steps)
+        opt_step = bench.runner().unet(x, t, ehs).float()
 
     def compare(latents, images, step) -> dict:
         return {
@@ -869,6 +863,21 @@ def check_against_fp32(bench: Bench, size: int, steps: int) -> dict:
     }
     out["pass"] = all(out["verdicts"].values())
     return out
+
+
+def engine_output(engine, size: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final latents (fp32) and decoded [0, 1] image of the batch-1 request, through `engine`'s
+    own loop and runner."""
+    from service.engine.optimize import runner_for
+
+    pipe = engine.load(MODEL_ID)
+    with torch.inference_mode():
+        states = engine.start_requests(pipe, requests(size, steps, 1))
+        while not all(s.done for s in states):
+            engine.denoise_step(pipe, [s for s in states if not s.done])
+        latents = states[0].latents.float()
+        image = (runner_for(pipe).decode(latents) / 2 + 0.5).clamp(0, 1).float()
+    return latents, image
 
 
 def _decode(vae, latents: torch.Tensor) -> torch.Tensor:

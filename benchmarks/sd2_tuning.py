@@ -353,7 +353,7 @@ def variants(bench: Bench) -> dict:
     if not base_config.enabled:
         out["skipped"].append("the optimized path is off (--optimize off): nothing to vary")
         return out
-    reference = final_output(bench, bench.engine, size, steps)
+    reference = bench.kit.engine_output(bench.engine, size, steps)
     tried = []
     for name, overrides in VARIANTS:
         reason = _inapplicable(overrides, base_config, bench.device)
@@ -373,25 +373,11 @@ def variants(bench: Bench) -> dict:
     return out
 
 
-def final_output(bench: Bench, engine, size: int, steps: int) -> tuple[torch.Tensor, ...]:
-    """Final latents and decoded [0, 1] image of sd2_bench's batch-1 request."""
-    from service.engine.optimize import runner_for
-
-    pipe = engine.load(bench.kit.MODEL_ID)
-    with torch.inference_mode():
-        states = engine.start_requests(pipe, params(bench, size, steps, 1))
-        while not all(s.done for s in states):
-            engine.denoise_step(pipe, [s for s in states if not s.done])
-        latents = states[0].latents.float()
-        image = (runner_for(pipe).decode(latents) / 2 + 0.5).clamp(0, 1).float()
-    return latents, image
-
-
 def _quality(bench: Bench, engine, size: int, steps: int, reference: tuple) -> dict:
     """The variant's batch-1 output against the default engine's (`reference`), same request
     and noise."""
     kit = bench.kit
-    latents, image = final_output(bench, engine, size, steps)
+    latents, image = kit.engine_output(engine, size, steps)
     ref_latents, ref_image = reference
     quality = {
         "finite": bool(torch.isfinite(latents).all()),
