@@ -80,6 +80,7 @@ SUITES: dict[str, dict] = {
             "tomesd",
             "phases",
             "attention",
+            "profile",
             "variants",
         ],
     },
@@ -130,6 +131,7 @@ SUITES: dict[str, dict] = {
             "primary",
             "phases",
             "attention",
+            "profile",
             "variants",
             "check",
             "matrix",
@@ -508,6 +510,10 @@ class Bench:
     def section_attention(self) -> None:
         """Each SDPA kernel (flash, memory-efficient, cuDNN) at SD2's attention shapes."""
         self.result["attention"] = sd2_tuning.attention(self)
+
+    def section_profile(self) -> None:
+        """One UNet forward's device time by kernel category, against each category's FLOPs."""
+        self.result["profile"] = sd2_tuning.profile(self)
 
     def section_variants(self) -> None:
         """The whole optimized pipeline with one switch changed at a time, then the winners."""

@@ -8,6 +8,10 @@ which further switches pay, measured on the whole pipeline rather than guessed.
   per scheduler (each one leaves the GPU idle while Python prepares the next step).
 - `attention`: every SDPA kernel torch has (flash, memory-efficient, cuDNN) at SD2's attention
   shapes, and their sum over one UNet forward: what pinning a kernel could gain.
+- `profile`: one UNet forward as the engine makes it, under torch's profiler: device time by
+  kernel category (convolution, matmul, attention, Inductor's fused kernels, the Triton
+  GroupNorm+SiLU op...) beside each category's FLOPs, so the category furthest from the
+  card's peak is the one to work on; and the share of the forward the device sits idle.
 - `variants`: the whole optimized pipeline again with one switch changed (cuDNN attention, no
   channels_last, compiled VAE, FP8 linears...), each compiled and timed at batch 1 and the
   largest batch against the default, and its batch-1 image compared with the default's (a
@@ -22,6 +26,7 @@ import gc
 import json
 import math
 import statistics
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
@@ -325,6 +330,207 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _median_ms(bench: Bench, fn, iters: int) -> float:
     times = bench.kit._times(bench.device, fn, warmup=2, iters=iters)
     return round(statistics.median(times) * 1e3, 4)
+
+
+# --- where one UNet forward's time goes -------------------------------------------------------
+
+# Kernel names (CUDA) or operator names (CPU), lower-cased, to a category: the first that
+# matches wins. Inductor's kernels first (it names a pointwise kernel after the ops it fused,
+# "convolution" among them), its GEMM templates apart; attention before the GEMMs (flash
+# kernels are GEMMs too) and convolution before them (implicit GEMM).
+KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("groupnorm_silu_op", ("_channel_stats_kernel", "_group_stats_kernel", "_apply_silu")),
+    ("matmul", ("triton_tem_",)),
+    ("inductor_fused", ("triton_",)),
+    ("attention", ("flash", "fmha", "sdpa", "attention")),
+    ("convolution", ("conv", "fprop", "implicit", "winograd")),
+    (
+        "matmul",
+        ("gemm", "nvjet", "cutlass", "addmm", "aten::mm", "bmm", "scaled_mm", "matmul", "linear"),
+    ),
+    ("normalization", ("norm",)),
+    ("copy", ("copy", "memcpy", "memset", "nchwtonhwc", "nhwctonchw", "cat")),
+)
+MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm")
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(fragment in lowered for fragment in fragments):
+            return category
+    return "other"
+
+
+def unet_flops_by_category(unet_config: dict, latent: int) -> dict[str, float]:
+    """FLOPs of one guided step (2 rows) by category, counted on a meta-device UNet built from
+    `unet_config` (shapes only, nothing allocated)."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config).eval()
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), counter:
+            unet(
+                torch.empty(2, unet.config.in_channels, latent, latent),
+                torch.empty(2),
+                encoder_hidden_states=torch.empty(2, 77, unet.config.cross_attention_dim),
+            )
+    counts = counter.get_flop_counts()
+    by_op = {_op_name(op): float(flops) for op, flops in counts["Global"].items()}
+    # Attention is the batched matmuls (or SDPA) inside the attention modules: by op alone, a
+    # linear on a permuted input (proj_in) would count as attention, being a bmm too.
+    attention = sum(
+        float(flops)
+        for module, ops in counts.items()
+        if module.rsplit(".", 1)[-1] in ("attn1", "attn2")
+        for op, flops in ops.items()
+        if _op_name(op) in ("bmm", "baddbmm") or "scaled_dot_product" in _op_name(op)
+    )
+    matmuls = sum(by_op.pop(op, 0.0) for op in MATMUL_OPS)
+    sdpa = sum(by_op.pop(op) for op in list(by_op) if "scaled_dot_product" in op)
+    out = {
+        "convolution": by_op.pop("convolution", 0.0),
+        "matmul": matmuls + sdpa - attention,  # `attention` is some of those two
+        "attention": attention,
+    }
+    if by_op:
+        out["other"] = sum(by_op.values())
+    return out
+
+
+def _op_name(op) -> str:
+    return getattr(op, "__name__", str(op)).split(".")[0]
+
+
+def profile(bench: Bench) -> dict:
+    """Device time of one UNet forward as the engine makes it (compiled, replayed from a CUDA
+    graph) by kernel category, at batch 1 and the largest batch, next to each category's FLOPs:
+    which part of the step is far from the card's peak, and how much of the forward the device
+    sits idle. On CPU the operators' own times stand in for kernels."""
+    from torch.profiler import ProfilerActivity
+
+    device = bench.device
+    runner = bench.runner() if bench.engine is not None else None
+    if runner is None:
+        bench.ensure_engine()
+        runner = bench.runner()
+    size = bench.default_size()
+    latent = size // 8
+    config = json.loads((bench.model_dir / "unet" / "config.json").read_text())
+    flops = unet_flops_by_category(config, latent)
+    total_flops = sum(flops.values())
+    out: dict = {
+        "size": size,
+        "unit": "ms per UNet forward (2 rows per image)",
+        "flop_share": {c: round(f / total_flops, 4) for c, f in sorted(flops.items())},
+        "tflop_per_guided_step": round(total_flops / 1e12, 4),
+        "batches": {},
+    }
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    forwards = 5 if device.type == "cuda" else 2
+    peak = bench.peak_tflops()
+    cross = runner.pipe.unet.config.cross_attention_dim
+    for batch in sorted({1, max(bench.args.batches)}):
+        if bench.budget_left() < 15:
+            out["batches"][str(batch)] = {"skipped": "time budget"}
+            continue
+        rows = 2 * batch
+        g = torch.Generator("cpu").manual_seed(batch)
+        sample = torch.randn(rows, 4, latent, latent, generator=g).to(device)
+        embeds = torch.randn(rows, 77, cross, generator=g).to(device)
+        timestep = torch.full((rows,), 500.0, device=device)
+
+        def forward(x=sample, t=timestep, e=embeds) -> None:
+            runner.unet(x, t, e)
+
+        entry = _profiled(bench, forward, activities, forwards)
+        if device.type == "cuda" and not entry["kernels"]:
+            # Graph replays whose kernels the profiler cannot see: the same kernels, launched
+            # one by one by the compiled UNet (the busy times hold; the idle share does not).
+            saved = runner.config
+            runner.config = replace(saved, cuda_graphs=False)
+            try:
+                entry = _profiled(bench, forward, activities, forwards)
+            finally:
+                runner.config = saved
+            entry["path"] = "compiled, no CUDA graph (replayed kernels were not visible)"
+        categories = entry.pop("categories")
+        for category, ms in categories.items():
+            busy = entry["busy_ms"] or 1.0
+            row: dict = {"ms": round(ms, 3), "share": round(ms / busy, 4)}
+            if category in flops and ms > 0:
+                tflop = flops[category] * batch / 1e12
+                row["tflop"] = round(tflop, 6)
+                row["tflops"] = round(tflop / ms * 1e3, 3)
+                if peak:
+                    row["fraction_of_peak"] = round(tflop / ms * 1e3 / peak, 3)
+            entry.setdefault("categories", {})[category] = row
+        out["batches"][str(batch)] = entry
+        bench._log(
+            f"profile at batch {batch}: {entry['busy_ms']:.2f} ms busy of "
+            f"{entry['wall_ms']:.2f} ms per forward; "
+            + ", ".join(f"{c} {r['share']:.0%}" for c, r in entry["categories"].items())
+        )
+    return out
+
+
+def _profiled(bench: Bench, forward, activities, forwards: int) -> dict:
+    """`forward` warmed, then profiled `forwards` times: per forward, the wall time, the busy
+    time (kernels, or CPU operators' own time), its split by category and the top kernels."""
+    from torch.autograd import DeviceType
+
+    cuda = bench.device.type == "cuda"
+    with torch.inference_mode():
+        for _ in range(2):  # compiled and captured at this bucket before the profile
+            forward()
+        if cuda:
+            torch.cuda.synchronize()
+        with torch.profiler.profile(activities=activities) as prof:
+            started = time.perf_counter()
+            for _ in range(forwards):
+                forward()
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - started
+    kernels: dict[str, list[float]] = {}  # name -> [microseconds, calls]
+    for event in prof.events():
+        if cuda:
+            if event.device_type != DeviceType.CUDA:
+                continue
+            micros = event.time_range.elapsed_us()
+        else:
+            micros = event.self_cpu_time_total
+        totals = kernels.setdefault(event.name, [0.0, 0])
+        totals[0] += micros
+        totals[1] += 1
+    categories: dict[str, float] = {}
+    for name, (micros, _) in kernels.items():
+        category = kernel_category(name)
+        categories[category] = categories.get(category, 0.0) + micros / 1e3 / forwards
+    busy = sum(categories.values())
+    top = sorted(kernels.items(), key=lambda item: -item[1][0])[:15]
+    return {
+        "forwards": forwards,
+        "path": "as the engine runs it",
+        "wall_ms": round(wall / forwards * 1e3, 3),
+        "busy_ms": round(busy, 3),
+        "idle_share": round(max(0.0, 1 - busy / (wall / forwards * 1e3)), 4) if busy else None,
+        "categories": dict(sorted(categories.items(), key=lambda item: -item[1])),
+        "kernels": len(kernels),
+        "top": [
+            {
+                "name": name[:160],
+                "category": kernel_category(name),
+                "ms": round(micros / 1e3 / forwards, 3),
+                "calls": round(calls / forwards, 2),
+            }
+            for name, (micros, calls) in top
+        ],
+    }
 
 
 # --- whole-pipeline variants ------------------------------------------------------------------

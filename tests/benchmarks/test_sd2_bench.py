@@ -137,3 +137,69 @@ def test_sd2_configs_have_the_real_sizes_and_issue_9_costs():
     )
     assert flops["vae_decode"] / 1e12 == pytest.approx(VAE_DECODE_TFLOP_768, rel=5e-3)
     assert flops_per_image(flops, 50) / 1e12 == pytest.approx(220.8, rel=5e-3)
+
+
+def test_ci_run_profiles_a_unet_forward(ci_result):
+    """The profile section: one forward's time split by category, each category's FLOPs."""
+    profile = ci_result["profile"]
+    assert profile["flop_share"]["convolution"] > 0.3  # a small UNet is mostly convolution
+    assert sum(profile["flop_share"].values()) == pytest.approx(1, abs=1e-3)
+    for batch in ("1", "2"):
+        entry = profile["batches"][batch]
+        categories = entry["categories"]
+        assert entry["busy_ms"] == pytest.approx(sum(c["ms"] for c in categories.values()), 0.01)
+        assert 0 < entry["busy_ms"] <= entry["wall_ms"]
+        assert {"convolution", "matmul", "attention"} <= set(categories)
+        assert categories["convolution"]["tflops"] > 0  # FLOPs over the time it took
+        assert entry["top"][0]["ms"] >= entry["top"][-1]["ms"]
+    # batch 2 runs twice the rows: twice the FLOPs per forward in each category
+    one, two = (profile["batches"][b]["categories"]["convolution"] for b in ("1", "2"))
+    assert two["tflop"] == pytest.approx(2 * one["tflop"], rel=1e-3)
+
+
+def test_kernel_categories_of_real_cuda_kernel_names():
+    """Names as the profiler reports them on an H100/H200 (cuDNN, cuBLAS, flash, Inductor)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sd2_tuning import kernel_category
+
+    names = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x256x64": (
+            "convolution"
+        ),
+        "nvjet_tst_192x192_64x3_2x1_v_bz_coopB_TNN": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1": "matmul",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>": (
+            "attention"
+        ),
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64": (
+            "attention"
+        ),
+        "fmha_cutlassF_bf16_aligned_64x128_rf_sm80": "attention",
+        "triton_poi_fused_add_convolution_div_12": "inductor_fused",
+        "triton_red_fused_native_layer_norm_3": "inductor_fused",
+        "triton_tem_fused_mm_4": "matmul",
+        "aten::bmm": "matmul",  # CPU: a linear on a permuted input; attention is SDPA's op
+        "_apply_silu_kernel": "groupnorm_silu_op",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": (
+            "other"
+        ),
+        "Memcpy DtoD (Device -> Device)": "copy",
+    }
+    assert {name: kernel_category(name) for name in names} == names
+
+
+def test_full_sd2_flops_by_category():
+    """The split of issue 9's 4.30 TFLOP per guided step at 768: what each category must reach."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sd2_tuning import unet_flops_by_category
+
+    from service.engine.sd2_configs import SD2_UNET_CONFIG, UNET_TFLOP_PER_GUIDED_STEP_768
+
+    flops = unet_flops_by_category(SD2_UNET_CONFIG, 96)
+    assert sum(flops.values()) / 1e12 == pytest.approx(UNET_TFLOP_PER_GUIDED_STEP_768, rel=5e-3)
+    share = {k: v / sum(flops.values()) for k, v in flops.items()}
+    assert set(share) == {"convolution", "matmul", "attention"}
+    # 1.88 / 1.26 / 1.16 TFLOP: proj_in's linear, a bmm on its permuted input, is a matmul
+    assert share["convolution"] == pytest.approx(0.438, abs=0.005)
+    assert share["attention"] == pytest.approx(0.292, abs=0.005)
+    assert share["matmul"] == pytest.approx(0.270, abs=0.005)
