@@ -131,8 +131,10 @@ SUITES: dict[str, dict] = {
             "primary",
             "phases",
             "attention",
-            "profile",
             "variants",
+            # after the variants: a profiler that took the process down would cost only the
+            # sections after it
+            "profile",
             "check",
             "matrix",
         ],
