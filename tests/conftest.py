@@ -17,6 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # be on before anything imports Triton. Engines use the kernels only where asked to.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# A stopping ingress replica stays reachable this long so HAProxy stops routing to it first
+# (service/serving/app.py keeps 5 s for one machine). No test stops an ingress replica under
+# traffic; every module's teardown stops one, and the benchmarks' runs inherit this.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 
 @pytest.fixture(scope="session")
