@@ -585,6 +585,61 @@ def variants(bench: Bench) -> dict:
     return out
 
 
+def configurations(entry: dict, measured: dict, judge=None) -> dict:
+    """Every configuration this run timed whole at the variants' size and steps, the default
+    and each variant, with issue 9's targets judged on each (`judge`, None for the tiny model)
+    and the best one that may become the default: a variant is eligible only if it ran
+    without errors, compiled, and its image passed the quality gate, so that a call that finds
+    a configuration meeting the targets has also measured it against stock in the same run.
+    `entry` is the summary's entry for that size and steps; `measured` the variants section."""
+    rows = []
+    default = entry.get("optimized")
+    if default:
+        rows.append(
+            {
+                "name": "default",
+                "overrides": {},
+                "latency_batch_1_s": default["latency_batch_1_s"],
+                "best_images_per_s": default["best_images_per_s"],
+                "best_batch": default["best_batch"],
+                "eligible": True,
+            }
+        )
+    for run in measured["runs"]:
+        cases = run.get("cases") or {}
+        if not cases:
+            continue
+        best_batch = max(cases, key=lambda b: cases[b]["images_per_s"])
+        runner = run.get("runner") or {}
+        rows.append(
+            {
+                "name": run["name"],
+                "overrides": run["overrides"],
+                "latency_batch_1_s": cases["1"]["s_per_image"] if "1" in cases else None,
+                "best_images_per_s": cases[best_batch]["images_per_s"],
+                "best_batch": int(best_batch),
+                "eligible": bool(
+                    "error" not in run
+                    and not runner.get("compile_error")
+                    and not runner.get("graph_error")
+                    and (run.get("quality") or {}).get("ok")
+                ),
+            }
+        )
+    for row in rows:
+        if judge is not None:
+            row["targets"] = judge(
+                row["latency_batch_1_s"], row["best_images_per_s"], entry.get("stock")
+            )
+    eligible = [row for row in rows if row["eligible"]]
+    best = max(
+        eligible,
+        key=lambda row: (sum(row.get("targets", {}).values()), row["best_images_per_s"]),
+        default=None,
+    )
+    return {"runs": rows, "best": best["name"] if best else None}
+
+
 def _quality(bench: Bench, engine, size: int, steps: int, reference: tuple) -> dict:
     """The variant's batch-1 output against the default engine's (`reference`), same request
     and noise."""

@@ -115,6 +115,17 @@ def test_ci_run_has_the_tuning_sections(ci_result):
         and fp8["image_psnr_db"] >= bounds["image_psnr_db_vs_default_min"]
     )
     assert all(run["quality"]["ok"] for run in runs.values() if run["wins"])
+    # The summary lists each configuration timed whole, default first; no targets on the tiny
+    # model, and the best one is one that may become the default.
+    configurations = ci_result["summary"]["configurations"]
+    rows = {row["name"]: row for row in configurations["runs"]}
+    assert list(rows)[0] == "default" and set(runs) <= set(rows)
+    assert rows["FP8 linears"]["eligible"] == fp8["ok"]
+    assert all("targets" not in row for row in rows.values())
+    assert configurations["best"] in {name for name, row in rows.items() if row["eligible"]}
+    assert rows["no channels_last"]["best_images_per_s"] == max(
+        c["images_per_s"] for c in runs["no channels_last"]["cases"].values()
+    )
 
 
 def test_sd2_configs_have_the_real_sizes_and_issue_9_costs():
@@ -203,3 +214,56 @@ def test_full_sd2_flops_by_category():
     assert share["convolution"] == pytest.approx(0.438, abs=0.005)
     assert share["attention"] == pytest.approx(0.292, abs=0.005)
     assert share["matmul"] == pytest.approx(0.270, abs=0.005)
+
+
+def test_targets_are_judged_on_each_configuration_of_the_run():
+    """A variant that meets issue 9's targets is named best only if its image passed the
+    quality gate and it compiled; stock's figures come from the same run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sd2_bench import issue_9_targets
+    from sd2_tuning import configurations
+
+    entry = {  # the summary's 768 px / 50 steps entry: call 1's default and stock figures
+        "stock": {"latency_batch_1_s": 1.46, "best_images_per_s": 1.41, "best_batch": 16},
+        "optimized": {"latency_batch_1_s": 0.911, "best_images_per_s": 1.91, "best_batch": 16},
+    }
+
+    def run(name, latency, per_image_16, ok=True, **runner):
+        cases = {"1": {"s_per_image": latency, "images_per_s": 1 / latency}}
+        cases["16"] = {"s_per_image": per_image_16, "images_per_s": 1 / per_image_16}
+        return {
+            "name": name,
+            "overrides": {"attention": name},
+            "cases": cases,
+            "runner": {"compile_error": None, "graph_error": None, **runner},
+            "quality": {"ok": ok},
+        }
+
+    measured = {
+        "runs": [
+            run("fast", 0.59, 0.48),
+            run("faster but off", 0.5, 0.4, ok=False),
+            run("fell back to eager", 0.5, 0.4, compile_error="boom"),
+            {"name": "crashed", "overrides": {}, "cases": {}, "error": "OOM"},
+        ]
+    }
+    out = configurations(entry, measured, issue_9_targets)
+    rows = {row["name"]: row for row in out["runs"]}
+    assert set(rows) == {"default", "fast", "faster but off", "fell back to eager"}
+    assert rows["default"]["targets"] == {
+        "images_per_s_ge_2.0": False,
+        "speedup_ge_2.5x": False,
+        "speedup_ge_2.5x_vs_stock_alone": True,  # 1.91 * 1.46 = 2.79
+        "latency_le_0.6_s": False,
+    }
+    fast = rows["fast"]
+    assert fast["best_batch"] == 16 and fast["best_images_per_s"] == pytest.approx(1 / 0.48)
+    assert fast["targets"]["images_per_s_ge_2.0"] and fast["targets"]["latency_le_0.6_s"]
+    assert not rows["faster but off"]["eligible"] and not rows["fell back to eager"]["eligible"]
+    assert out["best"] == "fast"
+    # No eligible variant: the default stays best; no stock figures: no speedup is claimed.
+    assert configurations(entry, {"runs": measured["runs"][1:]}, issue_9_targets)["best"] == (
+        "default"
+    )
+    alone = issue_9_targets(0.5, 2.1, None)
+    assert not alone["speedup_ge_2.5x"] and not alone["speedup_ge_2.5x_vs_stock_alone"]
