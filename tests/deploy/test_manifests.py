@@ -54,6 +54,7 @@ SETTINGS_ENV = {
 FROM_SECRET = {
     "SDSERVE_DATABASE_URL",
     "SDSERVE_ADMIN_KEY",
+    "SDSERVE_WEBHOOK_SECRET",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
 }
@@ -209,16 +210,22 @@ def test_settings_reach_every_ray_container_and_parse(manifests, source, monkeyp
         for name in [n for n in os.environ if n.startswith("SDSERVE_")]:
             monkeypatch.delenv(name)
         for name, entry in env.items():
-            if name.startswith("SDSERVE_"):
-                value = entry.get("value")
-                if name == "SDSERVE_DATABASE_URL":
-                    value = "postgresql+psycopg://sdserve:pw@postgresql:5432/sdserve"
-                elif name == "SDSERVE_ADMIN_KEY":
-                    value = "sk-placeholder"
-                monkeypatch.setenv(name, value)
+            if not name.startswith("SDSERVE_"):
+                continue
+            secret = entry.get("valueFrom", {}).get("secretKeyRef")
+            if secret and secret.get("optional"):
+                continue  # a Secret without the key leaves the variable unset
+            value = entry.get("value")
+            if name == "SDSERVE_DATABASE_URL":
+                value = "postgresql+psycopg://sdserve:pw@postgresql:5432/sdserve"
+            elif name == "SDSERVE_ADMIN_KEY":
+                value = "sk-placeholder"
+            assert value is not None, f"{group}: {name} has neither a value nor a Secret"
+            monkeypatch.setenv(name, value)
         settings = load_settings()
         assert settings.demo_key == ""
         assert settings.admin_key == "sk-placeholder"
+        assert settings.webhook_secret is None  # optional: unsigned webhooks without it
         assert all(PurePosixPath(p).is_absolute() for p in settings.models.values())
         assert settings.public_base_url.startswith(("http://", "https://"))
     assert len(secret_names) == 1, "every secret setting comes from one Secret"
