@@ -114,6 +114,77 @@ class _Bucket:
         return bool(self.waiting or self.running)
 
 
+class WallTimer:
+    """A step's time by the wall clock: right where the device runs work as it is issued (CPU)."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+
+    def start(self) -> float:
+        return self.clock()
+
+    def stop(self, started: float) -> tuple[float, float]:
+        return started, self.clock()
+
+    def wait(self, span: tuple[float, float]) -> None:
+        pass
+
+    def seconds(self, span: tuple[float, float]) -> float | None:
+        return span[1] - span[0]
+
+
+class CudaEventTimer:
+    """A step's device time, from CUDA events recorded around it on the current stream.
+
+    The step loop does not wait for the GPU (it issues steps ahead of it, see linear_steps.py):
+    the wall time of a step is the time to issue it, and the step that does wait (a VAE
+    decode's copy to the host) would carry the queued steps' GPU time, whatever their model.
+    Events are read once they have completed, so timing adds no wait.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def _record(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def start(self) -> torch.cuda.Event:
+        return self._record()
+
+    def stop(self, started: torch.cuda.Event) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        return started, self._record()
+
+    def wait(self, span: tuple) -> None:
+        """Until the step's work (and so all work queued before it) has completed."""
+        span[1].synchronize()
+
+    def seconds(self, span: tuple) -> float | None:
+        """None while the step's work is still queued."""
+        started, ended = span
+        if not ended.query():
+            return None
+        return started.elapsed_time(ended) / 1000
+
+
+def step_timer(device: torch.device, clock: Callable[[], float] = time.perf_counter):
+    """The timer that measures a step's device time on `device`. CUDA events are tried once
+    here, every call the loop will make, so that a device without them costs the figures'
+    accuracy (the wall clock), never the step loop."""
+    if device.type != "cuda":
+        return WallTimer(clock)
+    timer = CudaEventTimer(device)
+    try:
+        span = timer.stop(timer.start())
+        timer.wait(span)
+        timer.seconds(span)
+    except Exception:
+        log.warning("CUDA event timing failed on %s: steps are timed by the wall clock", device)
+        return WallTimer(clock)
+    return timer
+
+
 @dataclass
 class StepReport:
     """What one iteration did; the serving layer turns it into metrics."""
@@ -127,7 +198,9 @@ class StepReport:
     unet_rows: int = 0  # images plus the unconditional rows of guided requests
     finished: list[tuple[GenerationParams, float]] = field(default_factory=list)  # admitted→done s
     failed: list[tuple[GenerationParams, BaseException]] = field(default_factory=list)
-    seconds: float = 0.0  # admission (text encoding, noise) + forward + scheduler steps + decode
+    # device time of admission (text encoding, noise) + forward + scheduler steps + decode;
+    # set when the step's work has completed, before `on_step` sees the report
+    seconds: float = 0.0
     error: BaseException | None = None  # what failed a whole running set, if anything did
     # futures to settle once the report is recorded: (future, output or exception)
     outcomes: list[tuple[Future, object]] = field(default_factory=list, repr=False)
@@ -143,11 +216,14 @@ class ContinuousBatcher:
         admission: str = "oldest_first",
         clock: Callable[[], float] = time.perf_counter,
         on_step: Callable[[StepReport], None] | None = None,
+        timer=None,
     ) -> None:
         """`max_running_images` bounds one bucket's running set, i.e. one UNet forward (a single
         larger request still runs, alone). `admission` is one of `ADMISSION_ORDERS`.
-        `on_step` sees each report before its futures are settled (metrics are recorded
-        before a caller can observe the result, as with request batching)."""
+        `on_step` sees each report, in step order, once its device time is known and before
+        its futures are settled (metrics are recorded before a caller can observe the
+        result, as with request batching). `timer` measures that time (`step_timer` of the
+        engine's device by default)."""
         if max_running_images < 1:
             raise ValueError(f"max_running_images: must be at least 1, got {max_running_images}")
         if admission not in ADMISSION_ORDERS:
@@ -159,6 +235,9 @@ class ContinuousBatcher:
         self.admission = admission
         self.clock = clock
         self.on_step = on_step
+        self.timer = timer or step_timer(torch.device(getattr(engine, "device", "cpu")), clock)
+        # steps whose device work may still be queued: reported once it completes
+        self._unreported: deque[tuple[StepReport, object]] = deque()
         self._work = threading.Condition()  # guards the buckets; notified on submit
         self._buckets: dict[BucketKey, _Bucket] = {}  # insertion order is the round-robin order
         self._sequence = itertools.count()
@@ -228,30 +307,62 @@ class ContinuousBatcher:
         None when there is nothing to do. Failures fail requests, never raise."""
         with self._work:
             bucket = self._pick()
-            if bucket is None:
-                return None
-            admitted = self._admit(bucket)
+            admitted = self._admit(bucket) if bucket is not None else []
+        if bucket is None:
+            self._report(wait=True)  # idle: nothing to issue while the device finishes
+            return None
         key = bucket.key
         report = StepReport(key.model_id, key.width, key.height)
         with self._engine_lock, torch.inference_mode():
-            started = self.clock()
+            started = self.timer.start()
             try:
                 self._step_bucket(bucket, admitted, report)
             except Exception as exc:  # a bug of ours: fail the set rather than the loop
                 log.exception("step of bucket %s failed", bucket.key)
                 self._fail_running(bucket, exc, report)
-            report.seconds = self.clock() - started
+            span = self.timer.stop(started)
         with self._work:
             if not bucket.has_work() and self._buckets.get(bucket.key) is bucket:
                 del self._buckets[bucket.key]
-        if self.on_step is not None:
-            try:
-                self.on_step(report)
-            except Exception:
-                log.exception("on_step failed")
-        for future, outcome in report.outcomes:
-            _settle(future, outcome)
+        self._unreported.append((report, span))
+        # A step with outcomes has waited for the device already (decode) or failed: report it
+        # now, so its futures are settled at once; others as soon as their work completes.
+        self._report(wait=bool(report.outcomes))
         return report
+
+    def _report(self, wait: bool) -> None:
+        """Give `on_step` the steps whose device work has completed, oldest first, then settle
+        their futures. `wait`: all of them, waiting for the device if need be. Under the
+        engine lock: an event query must not meet a CUDA-graph capture of a warm-up."""
+        with self._engine_lock:
+            self._report_locked(wait)
+
+    def _report_locked(self, wait: bool) -> None:
+        if wait and self._unreported:
+            try:  # the newest: the device runs its queue in order
+                self.timer.wait(self._unreported[-1][1])
+            except Exception:
+                log.exception("waiting for the step timing failed")
+        while self._unreported:
+            report, span = self._unreported[0]
+            try:
+                seconds = self.timer.seconds(span)
+            except Exception:  # a timer that fails costs the figure, never the requests
+                log.exception("step timing failed")
+                seconds = 0.0
+            if seconds is None and wait:  # waited, yet not done: do not hold the futures
+                seconds = 0.0
+            if seconds is None:
+                return
+            self._unreported.popleft()
+            report.seconds = seconds
+            if self.on_step is not None:
+                try:
+                    self.on_step(report)
+                except Exception:
+                    log.exception("on_step failed")
+            for future, outcome in report.outcomes:
+                _settle(future, outcome)
 
     def run_until_idle(self, max_steps: int | None = None) -> list[StepReport]:
         """Step until nothing is waiting or running (tests and benchmarks drive it this way)."""

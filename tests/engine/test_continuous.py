@@ -279,3 +279,78 @@ def test_configuration_is_checked(engine):
         ContinuousBatcher(engine, max_running_images=0)
     with pytest.raises(ValueError, match="^admission:"):
         ContinuousBatcher(engine, admission="random")
+
+
+class QueuedDeviceTimer:
+    """Stands in for CUDA events: a step's work 'completes' only when the test says so (or
+    when the batcher waits for it), as when the loop issues steps ahead of the GPU."""
+
+    def __init__(self):
+        self.issued = 0
+        self.completed = 0  # steps whose device work has finished
+        self.waits = 0
+
+    def start(self):
+        self.issued += 1
+        return self.issued
+
+    def stop(self, started):
+        return started
+
+    def wait(self, step):
+        if step > self.completed:  # the device runs its queue up to this step
+            self.waits += 1
+            self.completed = step
+
+    def seconds(self, step):
+        return 0.5 * step if step <= self.completed else None
+
+
+def test_steps_are_reported_once_their_device_work_completed_and_before_futures(engine):
+    """Metrics get each step's device time, in step order; a step whose work is still queued
+    is reported later, and a finished request's future settles only after every step before
+    it was reported."""
+    timer = QueuedDeviceTimer()
+    seen: list[tuple[int, float, bool]] = []
+    batcher = ContinuousBatcher(
+        engine, on_step=lambda r: seen.append((r.images, r.seconds, future.done())), timer=timer
+    )
+    future = batcher.submit(request(seed=41, num_inference_steps=3))
+    batcher.step()
+    batcher.step()
+    assert seen == [] and timer.waits == 0  # issued, not yet run on the "device"
+    timer.completed = 1
+    other = batcher.submit(request(seed=42, num_inference_steps=3, width=128))  # another bucket
+    batcher.step()  # oldest first: the first request's last step, which decodes
+    assert future.done()
+    # every step so far, in order, with its own time, all before the future settled
+    assert seen == [(1, 0.5, False), (1, 1.0, False), (1, 1.5, False)]
+    assert timer.waits == 1
+    batcher.step()
+    assert len(seen) == 3 and not other.done()  # the other bucket's first step: still queued
+    batcher.run_until_idle()
+    assert [entry[1] for entry in seen] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    assert other.result(timeout=0).images
+
+
+def test_the_wall_clock_times_steps_on_the_cpu(engine):
+    reports = []
+    batcher = ContinuousBatcher(engine, on_step=reports.append)
+    future = batcher.submit(request(seed=43, num_inference_steps=2))
+    batcher.run_until_idle()
+    assert len(reports) == 2 and all(report.seconds > 0 for report in reports)
+    assert future.result(timeout=0).inference_seconds >= sum(r.seconds for r in reports) * 0.5
+
+
+def test_a_device_without_working_events_falls_back_to_the_wall_clock(caplog):
+    """On this CPU-only torch, CUDA events cannot be recorded: the probe says so and the loop
+    keeps a timer that works."""
+    import torch
+
+    from service.engine.continuous import WallTimer, step_timer
+
+    assert isinstance(step_timer(torch.device("cpu")), WallTimer)
+    if torch.cuda.is_available():
+        pytest.skip("CUDA works here: the fallback cannot be provoked")
+    assert isinstance(step_timer(torch.device("cuda")), WallTimer)
+    assert "steps are timed by the wall clock" in caplog.text
