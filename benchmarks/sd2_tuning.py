@@ -137,6 +137,7 @@ def phases(bench: Bench) -> dict:
             f"(UNet alone {unet_s:.3f} s), decode {decode_s * 1e3:.1f} ms"
         )
     # Each part on its own: one that fails is recorded, and the others still report.
+    _part(bench, out, "step_loop", lambda: _step_loop(bench, engine, size, steps))
     _part(bench, out, "decode_batch", lambda: _decode_batch(bench, engine, pipe, size))
     _part(bench, out, "linear_steps", lambda: _linear_steps_gain(bench, engine, size))
     if device.type == "cuda":
@@ -166,6 +167,37 @@ def _part(bench: Bench, out: dict, key: str, measure) -> None:
         bench._log(f"phases: {key} failed: {out[key]['error']}")
         if bench.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _step_loop(bench: Bench, engine, size: int, steps: int) -> dict:
+    """One request alone through step batching's loop (service/engine/continuous.py, the
+    serving default) instead of `Engine.generate`: its latency, and the device time its steps
+    report (CUDA events on a GPU), which gpu_seconds and cost to serve are made of."""
+    from service.engine.continuous import ContinuousBatcher
+
+    reports: list = []
+    batcher = ContinuousBatcher(engine, max(bench.args.batches), on_step=reports.append)
+
+    def alone(request_steps: int) -> float:
+        started = time.perf_counter()
+        future = batcher.submit(params(bench, size, request_steps, 1)[0])
+        batcher.run_until_idle()
+        future.result(timeout=0)
+        return time.perf_counter() - started
+
+    alone(2)  # warm-up
+    reports.clear()
+    latencies = [alone(steps) for _ in range(2)]
+    device_s = sum(report.seconds for report in reports) / len(latencies)
+    out = {
+        "timer": type(batcher.timer).__name__,
+        "latency_s": [round(t, 4) for t in latencies],
+        "steps_reported_per_request": len(reports) / len(latencies),
+        "device_s_per_request": round(device_s, 4),
+        "device_share_of_latency": round(device_s / statistics.median(latencies), 4),
+    }
+    bench._log(f"step loop, one request alone: {out}")
+    return out
 
 
 def _decode_batch(bench: Bench, engine, pipe, size: int) -> dict:

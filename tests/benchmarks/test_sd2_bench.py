@@ -84,6 +84,9 @@ def test_ci_run_has_the_tuning_sections(ci_result):
         assert entry["unet_only_s"] > 0 and entry["denoise_s"] > 0
     assert set(phases["batches"]) == {"1", "2"}
     assert "syncs_per_step" not in phases  # CUDA only
+    loop = phases["step_loop"]  # one request through step batching's loop
+    assert loop["timer"] == "WallTimer" and loop["steps_reported_per_request"] == 2
+    assert 0 < loop["device_share_of_latency"] <= 1
     assert set(phases["decode_batch"]["s_per_image_by_decode_batch"]) == {"1", "2"}
     for entry in phases["linear_steps"].values():  # UniPC direct vs through the CPU twin
         assert entry["direct_s_per_image"] > 0 and entry["twin_s_per_image"] > 0
