@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 ADMISSION_ORDERS = ("oldest_first", "round_robin")
 """How the loop picks the shape bucket to step next (see the module docstring)."""
 
+STEPS_AHEAD = 2
+"""Steps the loop may issue ahead of the device. Nothing in a step waits for a GPU, so without
+a bound the loop would queue dozens of steps of the running set, and a request arriving then
+would join the forward only after all of them, not at the next step. Two keep the GPU fed: one
+runs while the next is queued, and issuing a step takes far less than running it."""
+
 
 class BucketKey(NamedTuple):
     model_id: str
@@ -217,13 +223,15 @@ class ContinuousBatcher:
         clock: Callable[[], float] = time.perf_counter,
         on_step: Callable[[StepReport], None] | None = None,
         timer=None,
+        steps_ahead: int = STEPS_AHEAD,
     ) -> None:
         """`max_running_images` bounds one bucket's running set, i.e. one UNet forward (a single
         larger request still runs, alone). `admission` is one of `ADMISSION_ORDERS`.
         `on_step` sees each report, in step order, once its device time is known and before
         its futures are settled (metrics are recorded before a caller can observe the
         result, as with request batching). `timer` measures that time (`step_timer` of the
-        engine's device by default)."""
+        engine's device by default); at most `steps_ahead` steps are issued and not yet done
+        on the device."""
         if max_running_images < 1:
             raise ValueError(f"max_running_images: must be at least 1, got {max_running_images}")
         if admission not in ADMISSION_ORDERS:
@@ -236,6 +244,9 @@ class ContinuousBatcher:
         self.clock = clock
         self.on_step = on_step
         self.timer = timer or step_timer(torch.device(getattr(engine, "device", "cpu")), clock)
+        if steps_ahead < 1:
+            raise ValueError(f"steps_ahead: must be at least 1, got {steps_ahead}")
+        self.steps_ahead = steps_ahead
         # steps whose device work may still be queued: reported once it completes
         self._unreported: deque[tuple[StepReport, object]] = deque()
         self._work = threading.Condition()  # guards the buckets; notified on submit
@@ -338,11 +349,11 @@ class ContinuousBatcher:
             self._report_locked(wait)
 
     def _report_locked(self, wait: bool) -> None:
+        # The device runs its queue in order: waiting for one step completes all before it.
         if wait and self._unreported:
-            try:  # the newest: the device runs its queue in order
-                self.timer.wait(self._unreported[-1][1])
-            except Exception:
-                log.exception("waiting for the step timing failed")
+            self._wait_for(self._unreported[-1])
+        elif len(self._unreported) > self.steps_ahead:
+            self._wait_for(self._unreported[-1 - self.steps_ahead])
         while self._unreported:
             report, span = self._unreported[0]
             try:
@@ -363,6 +374,12 @@ class ContinuousBatcher:
                     log.exception("on_step failed")
             for future, outcome in report.outcomes:
                 _settle(future, outcome)
+
+    def _wait_for(self, entry: tuple[StepReport, object]) -> None:
+        try:
+            self.timer.wait(entry[1])
+        except Exception:
+            log.exception("waiting for a step's device work failed")
 
     def run_until_idle(self, max_steps: int | None = None) -> list[StepReport]:
         """Step until nothing is waiting or running (tests and benchmarks drive it this way)."""

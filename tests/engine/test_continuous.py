@@ -354,3 +354,25 @@ def test_the_step_timer_is_the_one_that_works_on_the_device(caplog):
     assert type(step_timer(torch.device("cuda"))) is expected
     fell_back = "steps are timed by the wall clock" in caplog.text
     assert fell_back == (expected is WallTimer)
+
+
+def test_the_loop_issues_at_most_two_steps_ahead_of_the_device(engine):
+    """A request that arrives joins the forward after at most the two steps already queued,
+    not after every step the loop could have issued meanwhile."""
+    timer = QueuedDeviceTimer()  # nothing completes unless the batcher waits for it
+    seen: list[int] = []
+    batcher = ContinuousBatcher(engine, on_step=lambda r: seen.append(r.images), timer=timer)
+    first = batcher.submit(request(seed=51, num_inference_steps=8))
+    for issued in range(1, 6):
+        batcher.step()
+        assert timer.issued == issued
+        assert timer.completed == max(0, issued - 2)  # waited for the step two before
+        assert len(seen) == timer.completed  # each step reported once it is done
+    late = batcher.submit(request(seed=52, num_inference_steps=2))
+    report = batcher.step()  # the late request joins the next issued step
+    assert [params.seed for params, _ in report.admitted] == [52]
+    assert timer.completed == 4  # steps 5 and 6 ahead of the device when it joined
+    batcher.run_until_idle()
+    assert first.result(timeout=0).images and late.result(timeout=0).images
+    with pytest.raises(ValueError, match="^steps_ahead:"):
+        ContinuousBatcher(engine, steps_ahead=0)
