@@ -152,7 +152,9 @@ class CudaEventTimer:
         self.device = device
 
     def _record(self) -> torch.cuda.Event:
-        event = torch.cuda.Event(enable_timing=True)
+        # blocking: a wait for the device sleeps instead of spinning a core the replica's
+        # other threads (its request handling) need
+        event = torch.cuda.Event(enable_timing=True, blocking=True)
         event.record(torch.cuda.current_stream(self.device))
         return event
 
