@@ -473,7 +473,7 @@ def run_serve(args, folder: Path, save) -> tuple[dict, float]:
     from ray import serve
 
     from service.ports import free_port
-    from service.serving.app import apply_ray_env
+    from service.serving.app import apply_ray_env, start_serve
 
     gpus = 0.5 if args.device.startswith("cuda") else 0  # both replicas on one GPU, idle by turns
     apply_ray_env()
@@ -486,7 +486,7 @@ def run_serve(args, folder: Path, save) -> tuple[dict, float]:
     )
     started = time.perf_counter()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        start_serve({"host": "127.0.0.1", "port": free_port()})
         clients = {mode: deploy(mode, args, folder, gpus) for mode in MODES}
         ready_s = time.perf_counter() - started
         return asyncio.run(measure(args, clients, save)), ready_s

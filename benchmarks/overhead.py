@@ -317,7 +317,7 @@ def run_phase(stack: str, args) -> dict[str, Any]:
     from ray import serve
 
     from service.ports import free_port
-    from service.serving.app import build_app
+    from service.serving.app import build_app, start_serve
 
     data_dir = Path(tempfile.mkdtemp(prefix="sdserve-overhead-"))
     port = free_port()
@@ -326,7 +326,7 @@ def run_phase(stack: str, args) -> dict[str, Any]:
     results: dict[str, list] = {"echo": [], "full": []}
     profiles = {}
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve({"host": "127.0.0.1", "port": port})
         serve.run(
             echo_app(args.max_ongoing_requests, args.num_cpus, args.replicas),
             name="echo",

@@ -97,7 +97,7 @@ def _serve(args) -> int:
     from ray import serve
 
     from service.config import load_settings
-    from service.serving.app import apply_ray_env, build_app
+    from service.serving.app import apply_ray_env, build_app, start_serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app_args, http_options = load_serve_config(args.config)
@@ -120,7 +120,7 @@ def _serve(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={**http_options, "host": args.host, "port": args.port})
+        start_serve({**http_options, "host": args.host, "port": args.port})
         serve.run(build_app(app_args), name="sdserve", route_prefix="/")
         base = settings.public_base_url.rstrip("/")
         print(f"\nsdserve is serving on {base}")

@@ -67,7 +67,7 @@ def running_app(
             "_metrics_export_port": metrics_port,
             "_system_config": {"metrics_report_interval_ms": 500},
         }
-    from service.serving.app import apply_ray_env
+    from service.serving.app import apply_ray_env, start_serve
 
     apply_ray_env()  # as `sdserve serve` and the image run Ray
     ray.init(
@@ -78,7 +78,7 @@ def running_app(
         **metrics_options,
     )
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve({"host": "127.0.0.1", "port": port})
         serve.run(build_app(app_args), name="sdserve", route_prefix="/")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
 
 from service.config import load_settings
 from service.ports import free_ports
 from service.serving.generator import Generator
 from service.serving.ingress import Ingress
+
+log = logging.getLogger(__name__)
 
 # The environment every Ray process of sdserve runs with (set before Ray starts: the proxy and
 # replicas read it at import). Ray's high-throughput mode (Ray >= 2.56): HAProxy takes HTTP on
@@ -44,6 +48,28 @@ HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_S
 # added to every stop (Ctrl-C, scale-down, a restart) of a replica that was already idle; a
 # look costs nothing.
 SHUTDOWN_POLL_S = 0.25
+
+
+SERVE_START_ATTEMPTS = 2
+
+
+def start_serve(http_options: dict[str, Any]) -> None:
+    """`serve.start`, and once more from scratch if its HTTP proxy never became ready.
+
+    Ray's HAProxy manager has been seen to hang while starting its first reload (its event
+    loop blocked, health checks unanswered; a fresh-clone `make test` hit it once in three
+    runs): `serve.start` then fails after 60 s with the proxy actor killed, while a fresh start
+    comes up at once.
+    """
+    for attempt in range(1, SERVE_START_ATTEMPTS + 1):
+        try:
+            serve.start(http_options=http_options)
+            return
+        except (TimeoutError, RayActorError) as exc:
+            if attempt == SERVE_START_ATTEMPTS:
+                raise
+            log.warning("Serve's HTTP proxy did not start (%s); starting Serve again", exc)
+            serve.shutdown()
 
 
 def single_node_ray_env() -> dict[str, str]:

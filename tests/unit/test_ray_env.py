@@ -4,6 +4,8 @@ operator's own value of any of them kept, and HAProxy's ports free ones on this 
 import os
 import socket
 
+import pytest
+
 from service.ports import PORT_RANGE, ephemeral_range
 from service.serving.app import (
     HAPROXY_PORT_VARIABLES,
@@ -53,3 +55,40 @@ def test_haproxy_ports_are_free_ones_not_rays_fixed_ones(monkeypatch):
     finally:
         for s in held:
             s.close()
+
+
+def test_serve_starts_again_once_when_its_proxy_never_became_ready(monkeypatch):
+    """A proxy that hangs at start (Serve raises TimeoutError, or the proxy actor is killed):
+    Serve is shut down and started once more; a second failure, or any other error, is raised."""
+    from ray.exceptions import ActorDiedError
+
+    from service.serving import app
+
+    calls: list[str] = []
+
+    def start_failing(*failures):
+        pending = list(failures)
+
+        def start(http_options):
+            calls.append(f"start {http_options['port']}")
+            if pending:
+                raise pending.pop(0)
+
+        return start
+
+    monkeypatch.setattr(app.serve, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(app.serve, "start", start_failing(TimeoutError("proxies")))
+    app.start_serve({"port": 1})
+    assert calls == ["start 1", "shutdown", "start 1"]
+
+    calls.clear()
+    monkeypatch.setattr(app.serve, "start", start_failing(ActorDiedError(), ActorDiedError()))
+    with pytest.raises(ActorDiedError):
+        app.start_serve({"port": 2})
+    assert calls == ["start 2", "shutdown", "start 2"]
+
+    calls.clear()
+    monkeypatch.setattr(app.serve, "start", start_failing(ValueError("bad http_options")))
+    with pytest.raises(ValueError):
+        app.start_serve({"port": 3})
+    assert calls == ["start 3"]
