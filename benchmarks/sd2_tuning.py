@@ -658,8 +658,8 @@ def configurations(entry: dict, measured: dict, judge=None) -> dict:
                 ),
             }
         )
-    for row in rows:
-        if judge is not None:
+    if judge is not None:
+        for row in rows:
             row["targets"] = judge(
                 row["latency_batch_1_s"], row["best_images_per_s"], entry.get("stock")
             )

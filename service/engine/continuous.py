@@ -348,34 +348,31 @@ class ContinuousBatcher:
         their futures. `wait`: all of them, waiting for the device if need be. Under the
         engine lock: an event query must not meet a CUDA-graph capture of a warm-up."""
         with self._engine_lock:
-            self._report_locked(wait)
-
-    def _report_locked(self, wait: bool) -> None:
-        # The device runs its queue in order: waiting for one step completes all before it.
-        if wait and self._unreported:
-            self._wait_for(self._unreported[-1])
-        elif len(self._unreported) > self.steps_ahead:
-            self._wait_for(self._unreported[-1 - self.steps_ahead])
-        while self._unreported:
-            report, span = self._unreported[0]
-            try:
-                seconds = self.timer.seconds(span)
-            except Exception:  # a timer that fails costs the figure, never the requests
-                log.exception("step timing failed")
-                seconds = 0.0
-            if seconds is None and wait:  # waited, yet not done: do not hold the futures
-                seconds = 0.0
-            if seconds is None:
-                return
-            self._unreported.popleft()
-            report.seconds = seconds
-            if self.on_step is not None:
+            # The device runs its queue in order: waiting for one step completes all before it.
+            if wait and self._unreported:
+                self._wait_for(self._unreported[-1])
+            elif len(self._unreported) > self.steps_ahead:
+                self._wait_for(self._unreported[-1 - self.steps_ahead])
+            while self._unreported:
+                report, span = self._unreported[0]
                 try:
-                    self.on_step(report)
-                except Exception:
-                    log.exception("on_step failed")
-            for future, outcome in report.outcomes:
-                _settle(future, outcome)
+                    seconds = self.timer.seconds(span)
+                except Exception:  # a timer that fails costs the figure, never the requests
+                    log.exception("step timing failed")
+                    seconds = 0.0
+                if seconds is None and wait:  # waited, yet not done: do not hold the futures
+                    seconds = 0.0
+                if seconds is None:
+                    return
+                self._unreported.popleft()
+                report.seconds = seconds
+                if self.on_step is not None:
+                    try:
+                        self.on_step(report)
+                    except Exception:
+                        log.exception("on_step failed")
+                for future, outcome in report.outcomes:
+                    _settle(future, outcome)
 
     def _wait_for(self, entry: tuple[StepReport, object]) -> None:
         try:

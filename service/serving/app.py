@@ -57,8 +57,8 @@ def start_serve(http_options: dict[str, Any]) -> None:
     """`serve.start`, and once more from scratch if its HTTP proxy never became ready.
 
     Ray's HAProxy manager has been seen to hang while starting its first reload (its event
-    loop blocked, health checks unanswered; a fresh-clone `make test` hit it once in three
-    runs): `serve.start` then fails after 60 s with the proxy actor killed, while a fresh start
+    loop blocked, health checks unanswered; one of four fresh-clone `make test` runs hit
+    it): `serve.start` then fails after 60 s with the proxy actor killed, while a fresh start
     comes up at once.
     """
     for attempt in range(1, SERVE_START_ATTEMPTS + 1):
