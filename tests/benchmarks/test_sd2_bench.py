@@ -270,3 +270,94 @@ def test_targets_are_judged_on_each_configuration_of_the_run():
     )
     alone = issue_9_targets(0.5, 2.1, None)
     assert not alone["speedup_ge_2.5x"] and not alone["speedup_ge_2.5x_vs_stock_alone"]
+
+
+def test_a_pinned_attention_kernel_is_skipped_only_when_it_cannot_win():
+    """From the attention section's per-forward sums against torch's own choice: the saving
+    over the pipeline's time per forward at each batch, against the 2 % a win needs."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sd2_tuning import WIN_MIN, _predicted_loss
+
+    baseline = {"1": 0.9, "16": 0.52}  # s/image at 50 steps: 18 ms and 166 ms per forward
+    cudnn = {"attention": "cudnn"}
+
+    def sums(default_2, cudnn_2, default_32, cudnn_32):
+        return {
+            "per_unet_forward_ms": {
+                "2": {"default": default_2, "cudnn": cudnn_2},
+                "32": {"default": default_32, "cudnn": cudnn_32},
+            }
+        }
+
+    slower = _predicted_loss(cudnn, sums(4.0, 4.5, 40.0, 44.0), baseline, 50)
+    assert slower and "batch 1 x0.97" in slower and f"x{WIN_MIN}" in slower
+    # 1 ms saved of an 18 ms forward at batch 1 is a 5.9 % gain: it runs.
+    assert _predicted_loss(cudnn, sums(4.0, 3.0, 40.0, 40.5), baseline, 50) is None
+    # 1 ms of a 166 ms forward at batch 16, 0.1 ms at batch 1: under 2 % at both, skipped.
+    assert _predicted_loss(cudnn, sums(4.0, 3.9, 40.0, 39.0), baseline, 50)
+    # No figures to judge by (the section did not run, or the kernel failed): it runs.
+    assert _predicted_loss(cudnn, None, baseline, 50) is None
+    assert _predicted_loss(cudnn, sums(4.0, None, 40.0, None), baseline, 50) is None
+    assert _predicted_loss({"fp8_linears": True}, sums(4, 9, 40, 90), baseline, 50) is None
+
+
+def test_winners_run_together_as_soon_as_two_have_won(monkeypatch):
+    """The combination is timed right after the second win, before the remaining singles,
+    and again when a third joins; a combination's own result never counts as a winner."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sd2_tuning
+
+    monkeypatch.setattr(
+        sd2_tuning,
+        "VARIANTS",
+        [
+            ("a", {"channels_last": False}),
+            ("b", {"fp8_linears": True}),
+            ("c", {"compile_vae": True}),
+            ("d", {"inductor_tuning": True}),
+        ],
+    )
+    wins = {"a": True, "b": True, "c": False, "d": True}
+    order = []
+
+    def fake_variant(bench, name, overrides, *args, combination=False):
+        order.append((name, dict(overrides), combination))
+        return {"name": name, "overrides": overrides, "wins": wins.get(name, True)}
+
+    monkeypatch.setattr(sd2_tuning, "_variant", fake_variant)
+    monkeypatch.setattr(sd2_tuning, "_baseline", lambda *args: 1.0)
+
+    class Config:
+        enabled, compile, triton_kernels = True, True, True
+        channels_last, fp8_linears, compile_vae, inductor_tuning = True, False, False, False
+
+    class Kit:
+        CHECK_PSNR_MIN_DB = 30.0
+
+        @staticmethod
+        def engine_output(engine, size, steps):
+            return None
+
+    class Bench:
+        kit, device, result, engine = Kit, sd2_tuning.torch.device("cpu"), {}, None
+        args = type("Args", (), {"steps": [2], "batches": [1, 2]})
+
+        def default_size(self):
+            return 64
+
+        def ensure_engine(self):
+            return type("Engine", (), {"optimizations": Config})
+
+        def write(self, final):
+            pass
+
+    sd2_tuning.variants(Bench())
+    assert [(name, combination) for name, _, combination in order] == [
+        ("a", False),
+        ("b", False),
+        ("a + b", True),
+        ("c", False),
+        ("d", False),
+        ("a + b + d", True),
+    ]
+    assert order[-1][1] == {"channels_last": False, "fp8_linears": True, "inductor_tuning": True}
