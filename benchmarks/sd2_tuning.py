@@ -97,8 +97,9 @@ def params(bench: Bench, size: int, steps: int, batch: int, scheduler: str | Non
 
 
 def phases(bench: Bench) -> dict:
-    """Encode / denoise / decode seconds at batch 1 and the largest batch, the UNet alone over
-    as many calls, and the synchronizing operations per step of each scheduler (CUDA)."""
+    """Encode / denoise / decode seconds at batch 1 and the largest batch (the suite's
+    `phase_batches`), the UNet alone over as many calls, and the synchronizing operations per
+    step of each scheduler (CUDA)."""
     from service.engine.optimize import runner_for
 
     timed = bench.kit.timed
@@ -108,7 +109,7 @@ def phases(bench: Bench) -> dict:
     device = bench.device
     size, steps = bench.default_size(), max(bench.args.steps)
     out: dict = {"size": size, "steps": steps, "scheduler": bench.kit.SCHEDULER, "batches": {}}
-    for batch in sorted({1, max(bench.args.batches)}):
+    for batch in bench.args.phase_batches:
         if bench.budget_left() < 30:
             out["batches"][str(batch)] = {"skipped": "time budget"}
             continue
@@ -255,9 +256,9 @@ def _linear_steps(engine, on: bool) -> Iterator[None]:
 
 def _linear_steps_gain(bench: Bench, engine, size: int) -> dict:
     """UniPC (sdserve's default scheduler), 25 steps: seconds per image with the scheduler
-    stepping the latents directly against stepping its CPU twin, batch 1 and the largest."""
+    stepping the latents directly against stepping its CPU twin, at the `phase_batches`."""
     steps, out = min(25, max(bench.args.steps)), {}
-    for batch in sorted({1, max(bench.args.batches)}):
+    for batch in bench.args.phase_batches:
         if bench.budget_left() < 20:
             out[str(batch)] = {"skipped": "time budget"}
             continue
