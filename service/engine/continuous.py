@@ -347,6 +347,8 @@ class ContinuousBatcher:
         """Give `on_step` the steps whose device work has completed, oldest first, then settle
         their futures. `wait`: all of them, waiting for the device if need be. Under the
         engine lock: an event query must not meet a CUDA-graph capture of a warm-up."""
+        if not self._unreported:  # the idle loop's case: no lock to wait for behind a warm-up
+            return
         with self._engine_lock:
             # The device runs its queue in order: waiting for one step completes all before it.
             if wait and self._unreported:
