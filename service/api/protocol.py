@@ -18,7 +18,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.config import DEFAULT_MODEL_ID, Settings
 from service.engine.protocol import SAFETY_TREATMENTS, GenerationParams
-from service.engine.schedulers import SAG_SCHEDULERS, SCHEDULERS, canonical_scheduler_name
+from service.engine.schedulers import (
+    SAG_SCHEDULERS,
+    SCHEDULERS,
+    canonical_scheduler_name,
+    validate_scheduler_options,
+)
 from service.registry import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -499,17 +504,37 @@ class Text2ImgRequest(KeyedRequest):
             problems.append("guidance_scale must be a number between 1 and 20")
 
         scheduler = "UniPCMultistepScheduler"
+        scheduler_ok = True
         if self.scheduler and self.scheduler.strip():
             try:
                 scheduler = canonical_scheduler_name(self.scheduler.strip())
             except ValueError:
+                scheduler_ok = False
                 problems.append(f"scheduler must be one of: {', '.join(SCHEDULERS)}")
 
         algorithm_type = (self.algorithm_type or "").strip() or None
         if algorithm_type and algorithm_type.lower() == "none":
             algorithm_type = None
         if algorithm_type and algorithm_type not in ALGORITHM_TYPES:
+            scheduler_ok = False
             problems.append(f"algorithm_type must be one of: none, {', '.join(ALGORITHM_TYPES)}")
+
+        # The engine builds the scheduler with these same rules; checking them here makes a
+        # combination it cannot build an error now instead of a failed job after queueing.
+        karras = True if self.use_karras_sigmas is None else self.use_karras_sigmas
+        scheduler_notes: list[str] = []
+        if scheduler_ok and 1 <= steps <= settings.max_steps:
+            try:
+                choice = validate_scheduler_options(scheduler, karras, algorithm_type, steps)
+            except ValueError as error:
+                problems.append(str(error))
+            else:
+                if self.use_karras_sigmas and not choice.use_karras_sigmas:
+                    scheduler_notes.append(f"use_karras_sigmas ({scheduler} has no sigma schedule)")
+                if algorithm_type and choice.algorithm_type is None:
+                    scheduler_notes.append(f"algorithm_type ({scheduler} does not take one)")
+                    algorithm_type = None
+                karras = choice.use_karras_sigmas
 
         lora_pairs = self._loras(loras, problems)
         embedding_ids = self._embeddings(embeddings, problems)
@@ -543,7 +568,7 @@ class Text2ImgRequest(KeyedRequest):
             guidance_scale=float(guidance),
             seed=self.seed if self.seed is not None else secrets.randbelow(MAX_SEED) + 1,
             scheduler=scheduler,
-            use_karras_sigmas=True if self.use_karras_sigmas is None else self.use_karras_sigmas,
+            use_karras_sigmas=karras,
             algorithm_type=algorithm_type,
             clip_skip=clip_skip,
             loras=lora_pairs,
@@ -559,6 +584,7 @@ class Text2ImgRequest(KeyedRequest):
         not_applied = [
             name for name in NOT_APPLIED_FIELDS if _is_set((self.model_extra or {}).get(name))
         ]
+        not_applied += scheduler_notes
         if self.safety_checker and not check:
             not_applied.append("safety_checker (no safety checker model is configured)")
         if self.highres_fix and not above_native and model is not None:

@@ -277,3 +277,28 @@ def test_highres_fix_applies_above_the_native_pixel_count():
         "highres_fix (768x768 is not above the model's native 768x768)"
     ]
     assert params(model_id="other", highres_fix="yes", width=512, height=640)[0].highres_fix
+
+
+def test_a_scheduler_combination_the_engine_cannot_build_is_an_error_before_queueing():
+    message = error_of(scheduler="DPMSolverSinglestep", algorithm_type="sde-dpmsolver")
+    assert "algorithm_type: 'sde-dpmsolver' is not supported by DPMSolverSinglestepScheduler" in (
+        message
+    )
+    with pytest.raises(RequestError, match="num_inference_steps: 60 is out of range for LCM"):
+        params(Settings(max_steps=100), scheduler="LCM", num_inference_steps=60)
+    assert params(Settings(max_steps=100), num_inference_steps=60)[0].num_inference_steps == 60
+
+
+def test_scheduler_options_that_do_not_apply_are_said_not_applied():
+    p, options = params(algorithm_type="dpmsolver+++")
+    assert p.scheduler == "UniPCMultistepScheduler" and p.algorithm_type is None
+    assert "algorithm_type (UniPCMultistepScheduler does not take one)" in options["not_applied"]
+
+    p, options = params(scheduler="DDIM", use_karras_sigmas="yes")
+    assert p.use_karras_sigmas is False
+    assert "use_karras_sigmas (DDIMScheduler has no sigma schedule)" in options["not_applied"]
+
+    p, options = params(scheduler="DDIM")
+    assert p.use_karras_sigmas is False and options["not_applied"] == []
+    p, options = params(scheduler="EulerDiscrete", use_karras_sigmas="yes")
+    assert p.use_karras_sigmas is True and options["not_applied"] == []
