@@ -313,7 +313,8 @@ class ImageService:
         except Exception as exc:
             log.exception("job %s failed", job.id)
             message = f"Image generation failed: {_short_reason(exc)}"
-            await asyncio.to_thread(self.jobs.fail, job.id, message)
+            if await asyncio.to_thread(self.jobs.fail, job.id, message, owner=self.owner):
+                await asyncio.to_thread(self.images.delete, job.output_names)  # a partial write
             elapsed = time.perf_counter() - started
             self.metrics.job_done(params.model_id, resolution, "failed", elapsed)
             raise
@@ -349,7 +350,17 @@ class ImageService:
         if "nsfw_flags" in output.extra:
             updates["nsfw_flags"] = output.extra["nsfw_flags"]
         elapsed = round(time.perf_counter() - started, 4)
-        return self.jobs.finish(job.id, generation_time=elapsed, meta_updates=updates)
+        finished = self.jobs.finish(
+            job.id, generation_time=elapsed, meta_updates=updates, owner=self.owner
+        )
+        if finished is None:
+            # Failed and refunded meanwhile (clear_queue, or a take-over that gave up): what
+            # was not charged must not be served at the links the client already holds. A job
+            # another replica took over keeps them: that replica writes the same images.
+            current = self.jobs.get(job.id)
+            if current is None or current.status is JobStatus.FAILED:
+                self.images.delete(job.output_names)
+        return finished
 
     def _store_images(self, names: list[str], images: list) -> None:
         if len(images) != len(names):

@@ -54,6 +54,17 @@ class ImageStore:
             f.write(data)
         self._fs.mv(partial, path)
 
+    def delete(self, names: list[str]) -> int:
+        """Remove these outputs (and any half-written copy); returns how many files went."""
+        removed = 0
+        for name in names:
+            path = self._path(name)
+            for candidate in (path, f"{path}.partial"):
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs.rm_file(candidate)
+                    removed += 1
+        return removed
+
     def read(self, name: str) -> bytes | None:
         """The file's bytes, or None when it does not exist (yet) or has expired."""
         try:

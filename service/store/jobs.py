@@ -244,13 +244,20 @@ class JobStore:
             return JobRecord.of(job) if job else None
 
     def finish(
-        self, job_id: int, *, generation_time: float, meta_updates: dict | None = None
+        self,
+        job_id: int,
+        *,
+        generation_time: float,
+        meta_updates: dict | None = None,
+        owner: str | None = None,
     ) -> JobRecord | None:
         """Mark a processing job successful and settle its charge; returns the finished job,
-        or None if it had already ended."""
+        or None if it had already ended or, with `owner`, another replica has taken it over."""
         with self._sessions.write() as conn:
             job = conn.execute(_JOB_FOR_UPDATE, {"job_id": job_id}).first()
             if job is None or job.status != JobStatus.PROCESSING:
+                return None
+            if owner is not None and job.owner != owner:
                 return None
             ended = {
                 "status": JobStatus.SUCCESS.value,
@@ -262,11 +269,14 @@ class JobStore:
             ledger.settle(conn, job_id, now=ended["finished_at"])
             return JobRecord.of(_Values(**{**job._asdict(), **ended}))
 
-    def fail(self, job_id: int, message: str) -> bool:
-        """Mark a processing job failed and refund its reservation; False if it had ended."""
+    def fail(self, job_id: int, message: str, *, owner: str | None = None) -> bool:
+        """Mark a processing job failed and refund its reservation; False if it had ended or,
+        with `owner`, another replica has taken it over (its own attempt may still succeed)."""
         with self._sessions.write() as conn:
-            status = conn.scalar(_JOB_STATUS_FOR_UPDATE, {"job_id": job_id})
-            if status != JobStatus.PROCESSING:
+            row = conn.execute(_JOB_STATUS_FOR_UPDATE, {"job_id": job_id}).first()
+            if row is None or row.status != JobStatus.PROCESSING:
+                return False
+            if owner is not None and row.owner != owner:
                 return False
             now = self._clock()
             conn.execute(
@@ -386,7 +396,7 @@ _JOB_BY_IDEMPOTENCY_KEY = select(_jobs).where(
 )
 _JOB_FOR_UPDATE = select(_jobs).where(_jobs.c.id == bindparam("job_id")).with_for_update()
 _JOB_STATUS_FOR_UPDATE = (
-    select(_jobs.c.status).where(_jobs.c.id == bindparam("job_id")).with_for_update()
+    select(_jobs.c.status, _jobs.c.owner).where(_jobs.c.id == bindparam("job_id")).with_for_update()
 )
 _END_JOB = update(_jobs).where(_jobs.c.id == bindparam("job_id"))
 

@@ -131,3 +131,90 @@ def test_a_saturated_replica_answers_429(settings):
         crash(service)
 
     asyncio.run(scenario())
+
+
+def gated(gate: asyncio.Event, fails: bool = False):
+    async def generate(params: GenerationParams) -> GenerationOutput:
+        await gate.wait()
+        if fails:
+            raise RuntimeError("CUDA error on this replica")
+        return await works(params)
+
+    return generate
+
+
+def image_name(service, job_id: int) -> str:
+    [name] = service.jobs.get(job_id).output_names
+    return name
+
+
+def test_a_job_cleared_on_another_replica_leaves_no_image_behind(settings):
+    """clear_queue refunds a job a second replica is still generating: when that replica's
+    images arrive, they are removed, not served free at the links the client holds."""
+
+    async def scenario():
+        gate = asyncio.Event()
+        running = build_image_service(settings, gated(gate))
+        [job_id] = await accept(running, 1)
+        other = build_image_service(settings, works)
+        assert (await other.clear_queue())["ids"] == [job_id]
+        gate.set()
+        await running.drain()
+        job = running.jobs.get(job_id)
+        assert job.status is JobStatus.FAILED and job.message == "Cancelled by clear_queue"
+        assert running.images.read(image_name(running, job_id)) is None
+        assert running.keys.find("demo").balance == Decimal(1)
+        assert running.ledger.audit() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_that_lost_its_job_neither_fails_nor_finishes_it(settings):
+    """A live replica that missed its heartbeats has had its job taken over: its own failure
+    must not refund the new owner's attempt, nor its success settle it twice."""
+
+    async def scenario():
+        for first_fails in (True, False):
+            first_gate, second_gate = asyncio.Event(), asyncio.Event()
+            first = build_image_service(settings, gated(first_gate, fails=first_fails))
+            [job_id] = await accept(first, 1)
+            await asyncio.sleep(0.3)  # no heartbeat from `first` meanwhile
+            second = build_image_service(settings, gated(second_gate))
+            assert await second.maintain_once() == ([job_id], [])
+
+            first_gate.set()
+            await first.drain()
+            job = first.jobs.get(job_id)
+            assert job.status is JobStatus.PROCESSING and job.owner == second.owner
+
+            second_gate.set()
+            await second.drain()
+            job = second.jobs.get(job_id)
+            assert job.status is JobStatus.SUCCESS and job.attempts == 2
+            assert second.images.read(image_name(second, job_id)) is not None
+            assert second.ledger.audit() == []
+        assert second.keys.find("demo").balance == Decimal(1) - 2 * Decimal("0.0047")
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_write_leaves_no_partial_output(settings, monkeypatch):
+    async def scenario():
+        service = build_image_service(settings, works)
+        writes = []
+
+        def write_then_break(name, image):
+            if writes:
+                raise OSError("disk full")
+            writes.append(name)
+            original_write(name, image)
+
+        original_write = service.images.write
+        monkeypatch.setattr(service.images, "write", write_then_break)
+        body = {"key": KEY, "prompt": "x", "width": 64, "height": 64, "samples": 2}
+        response = await service.text2img(Text2ImgRequest(**body), {}, "v6")
+        assert response["status"] == "failed"
+        assert writes and service.images.read(writes[0]) is None
+        assert service.keys.find("demo").balance == Decimal(1)
+
+    asyncio.run(scenario())

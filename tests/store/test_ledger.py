@@ -107,6 +107,21 @@ def test_a_failed_job_leaves_the_balance_where_it_was(db):
     assert db.ledger().audit() == []
 
 
+def test_only_the_owner_of_a_job_ends_it_when_an_owner_is_named(db):
+    keys, jobs = db.keys(), db.jobs()
+    _, key = keys.create("alice", Plan.PAY_PER_USE, balance=Decimal("0.0094"))
+    job = jobs.create(
+        request_id=str(uuid.uuid4()), key=key, model_id="stable-diffu", samples=1,
+        params={}, meta={}, output_names=["o-0.png"], unit_price=PRICE, owner="replica-b",
+    )  # fmt: skip
+    assert not jobs.fail(job.id, "CUDA error", owner="replica-a")
+    assert jobs.finish(job.id, generation_time=1.0, owner="replica-a") is None
+    assert jobs.get(job.id).status is JobStatus.PROCESSING
+    assert jobs.finish(job.id, generation_time=1.0, owner="replica-b").status is JobStatus.SUCCESS
+    assert keys.get(key.id).balance == PRICE
+    assert db.ledger().audit() == []
+
+
 def test_a_request_must_be_covered_in_full(db):
     keys = db.keys()
     _, key = keys.create("alice", Plan.PAY_PER_USE, balance=PRICE)
