@@ -32,6 +32,9 @@ class Plan(enum.StrEnum):
         return self is Plan.PAY_PER_USE
 
 
+_MAX_SHIFT = 30  # 10**30 micro-dollars: far beyond any balance, and a bound on the work
+
+
 def usd_to_micros(usd: Decimal | int | str) -> int:
     """Exact micro-dollars of `usd`; ValueError for sub-micro precision, TypeError for floats."""
     if isinstance(usd, float | bool):
@@ -42,10 +45,20 @@ def usd_to_micros(usd: Decimal | int | str) -> int:
         raise ValueError(f"{usd!r} is not an amount of USD") from None
     if not value.is_finite():
         raise ValueError(f"{usd!r} is not an amount of USD")
-    micros = value.scaleb(6)
-    if micros != micros.to_integral_value():
-        raise ValueError(f"{usd} USD is finer than a micro-dollar (0.000001 USD)")
-    return int(micros)
+    # Integer arithmetic on the digits: Decimal operations round to the context's 28 digits,
+    # which would turn a sub-micro amount with more digits into a silently rounded one.
+    sign, digits, exponent = value.as_tuple()
+    coefficient = int("".join(map(str, digits)) or 0)
+    shift = exponent + 6
+    if shift > _MAX_SHIFT:
+        raise ValueError(f"{usd} USD is out of range")
+    if shift >= 0:
+        micros = coefficient * 10**shift
+    else:
+        micros, rest = divmod(coefficient, 10**-shift)
+        if rest:
+            raise ValueError(f"{usd} USD is finer than a micro-dollar (0.000001 USD)")
+    return -micros if sign else micros
 
 
 def micros_to_usd(micros: int) -> Decimal:

@@ -34,7 +34,10 @@ def test_usd_to_micros_is_exact(usd, micros):
     assert micros_to_usd(micros) == Decimal(usd)
 
 
-@pytest.mark.parametrize("usd", [Decimal("0.0000001"), "0.00470001", Decimal("1e-7")])
+@pytest.mark.parametrize(
+    "usd",
+    [Decimal("0.0000001"), "0.00470001", Decimal("1e-7"), "1.0000000000000000000000000000001"],
+)
 def test_sub_micro_amounts_are_refused_not_rounded(usd):
     with pytest.raises(ValueError, match="finer than a micro-dollar"):
         usd_to_micros(usd)
@@ -113,3 +116,9 @@ def test_free_allowance_window_is_the_utc_calendar_month():
     # 00:30 on April 1st in UTC+2 is still March in UTC
     plus_two = timezone(timedelta(hours=2))
     assert PlanLimits.month_start(datetime(2026, 4, 1, 0, 30, tzinfo=plus_two)) == start
+
+
+def test_amounts_beyond_any_balance_are_refused_promptly():
+    assert usd_to_micros("12345678901234567890123456789.5") == 12345678901234567890123456789500000
+    with pytest.raises(ValueError, match="out of range"):
+        usd_to_micros("1e999999999")
