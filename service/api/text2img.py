@@ -496,18 +496,24 @@ class ImageService:
         """Forever: keep this replica's jobs alive and take over those of dead replicas; prune
         the image store now and then."""
         next_prune = time.monotonic()
+        pruning: asyncio.Task | None = None
         while True:
             try:
                 await self.maintain_once()
             except Exception:
                 log.exception("job maintenance failed; retrying")
-            if time.monotonic() >= next_prune:
+            # Beside the heartbeats, not between them: walking a large bucket can outlast
+            # `orphan_after_s`, and a replica that misses its beats has its jobs taken over.
+            if time.monotonic() >= next_prune and (pruning is None or pruning.done()):
                 next_prune = time.monotonic() + self.settings.image_prune_interval_s
-                try:
-                    await asyncio.to_thread(self.prune_images)
-                except Exception:
-                    log.exception("pruning the image store failed; retrying later")
+                pruning = asyncio.create_task(self._prune_in_background())
             await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def _prune_in_background(self) -> None:
+        try:
+            await asyncio.to_thread(self.prune_images)
+        except Exception:
+            log.exception("pruning the image store failed; retrying later")
 
     def prune_images(self) -> int:
         """Delete expired `temp` images, interrupted writes, and images past the retention."""

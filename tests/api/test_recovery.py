@@ -4,6 +4,7 @@ one) takes over jobs whose heartbeat stopped, re-runs them, or fails and refunds
 from __future__ import annotations
 
 import asyncio
+import time
 from decimal import Decimal
 
 import numpy as np
@@ -216,5 +217,33 @@ def test_a_failed_write_leaves_no_partial_output(settings, monkeypatch):
         assert response["status"] == "failed"
         assert writes and service.images.read(writes[0]) is None
         assert service.keys.find("demo").balance == Decimal(1)
+
+    asyncio.run(scenario())
+
+
+def test_a_slow_prune_does_not_hold_up_the_heartbeats(settings, monkeypatch):
+    async def scenario():
+        service = build_image_service(
+            settings.model_copy(update={"heartbeat_interval_s": 0.05}), works
+        )
+        beats, prunes = [], []
+        real_round = service.maintain_once
+
+        async def counted_round():
+            beats.append(time.monotonic())
+            return await real_round()
+
+        def slow_prune():
+            prunes.append(time.monotonic())
+            time.sleep(1.0)  # a large bucket being walked
+            return 0
+
+        monkeypatch.setattr(service, "maintain_once", counted_round)
+        monkeypatch.setattr(service, "prune_images", slow_prune)
+        loop = asyncio.create_task(service.maintain())
+        await asyncio.sleep(0.6)
+        loop.cancel()
+        assert len(prunes) == 1
+        assert len(beats) >= 5, f"{len(beats)} heartbeat rounds in 0.6 s beside a 1 s prune"
 
     asyncio.run(scenario())
