@@ -93,6 +93,12 @@ def describe_validation_error(exc: RequestValidationError) -> str:
         if not loc or kind in ("model_attributes_type", "dict_type"):
             parts.append("request body must be a JSON object")
             continue
+        if loc == ["path", "job_id"]:
+            parts.append(
+                "the request id in the path must be an integer from 1 to 2^63-1 "
+                "(the `id` of a text2img response)"
+            )
+            continue
         msg = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
         parts.append(f"{'.'.join(loc)} {msg}")
     return "; ".join(dict.fromkeys(parts)) or "request body is invalid"

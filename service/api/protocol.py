@@ -95,6 +95,7 @@ def _coerce_float(value: Any) -> float | None:
 
 
 def _coerce_bool(value: Any) -> bool | None:
+    value = _blank_to_none(value)  # "null" / "none" as strings, as for the number fields
     if value is None:
         return None
     if isinstance(value, bool):
@@ -112,6 +113,7 @@ def _coerce_bool(value: Any) -> bool | None:
 
 def _coerce_upscale(value: Any) -> int | None:
     """`upscale`: "yes" is 2x (the hosted API's meaning), a number is the factor."""
+    value = _blank_to_none(value)
     if value is None or isinstance(value, bool):
         return None if value is None else (2 if value else 1)
     if isinstance(value, str):

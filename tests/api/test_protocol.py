@@ -74,6 +74,12 @@ def test_numbers_as_strings_and_toggles_as_words():
     assert options["temp"] is False
 
 
+@pytest.mark.parametrize("unset", [None, "", "null", "None"])
+def test_a_toggle_sent_as_null_in_any_spelling_takes_its_default(unset):
+    p, options = params(use_karras_sigmas=unset, base64=unset, upscale=unset)
+    assert p.use_karras_sigmas is True and options["base64"] is False and p.upscale == 1
+
+
 @pytest.mark.parametrize("seed", [None, "", -1, "-1", 0, "0", "null"])
 def test_every_spelling_of_random_seed(seed):
     seeds = {params(seed=seed)[0].seed for _ in range(5)}

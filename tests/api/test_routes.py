@@ -245,6 +245,10 @@ def test_fetch_of_unknown_or_foreign_job(env):
         assert r.json()["status"] == "error" and "not found" in r.json()["message"]
     r = post(client, "/api/v6/images/fetch/999999")
     assert r.json()["status"] == "error"
+    for bad in ("abc", "0", str(2**63)):
+        r = post(client, f"/api/v6/images/fetch/{bad}")
+        assert r.status_code == 200 and r.json()["status"] == "error"
+        assert r.json()["message"].startswith("the request id in the path must be an integer")
 
 
 def test_image_route_refuses_paths_outside_the_store(env):
