@@ -21,8 +21,12 @@ def main(argv: list[str] | None = None) -> int:
 
     serve_cmd = commands.add_parser("serve", help="serve the API on a local Ray cluster")
     serve_cmd.add_argument("--config", default=DEFAULT_SERVE_CONFIG, help="Serve config YAML")
-    serve_cmd.add_argument("--host", default="127.0.0.1")
-    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument(
+        "--host", help="listen address (default: the config's http_options.host, else 127.0.0.1)"
+    )
+    serve_cmd.add_argument(
+        "--port", type=int, help="listen port (default: the config's http_options.port, else 8000)"
+    )
     serve_cmd.add_argument(
         "--metrics-port", type=int, default=8080, help="Ray's Prometheus metrics export port"
     )
@@ -75,6 +79,15 @@ def load_serve_config(path: str) -> tuple[dict, dict]:
     return apps[0].get("args") or {}, config.get("http_options") or {}
 
 
+def listen_options(http_options: dict, host: str | None, port: int | None) -> dict:
+    """The Serve config's `http_options` with the command line's host and port, where given."""
+    return {
+        **http_options,
+        "host": host or http_options.get("host") or "127.0.0.1",
+        "port": port or http_options.get("port") or 8000,
+    }
+
+
 def _ensure_models(settings_overrides: dict) -> None:
     """Build the tiny demo model when the configured default is the (missing) demo folder."""
     from service.config import load_settings
@@ -101,10 +114,12 @@ def _serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app_args, http_options = load_serve_config(args.config)
+    http_options = listen_options(http_options, args.host, args.port)
+    host, port = http_options["host"], http_options["port"]
     overrides = dict(app_args.get("settings") or {})
     if "public_base_url" not in load_settings(**overrides).model_fields_set:
         # Neither SDSERVE_PUBLIC_BASE_URL nor the Serve config says: use where we listen.
-        overrides["public_base_url"] = f"http://{args.host}:{args.port}"
+        overrides["public_base_url"] = f"http://{host}:{port}"
     app_args = {**app_args, "settings": overrides}
     _ensure_models(overrides)
     settings = load_settings(**overrides)
@@ -120,13 +135,13 @@ def _serve(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        start_serve({**http_options, "host": args.host, "port": args.port})
+        start_serve(http_options)
         serve.run(build_app(app_args), name="sdserve", route_prefix="/")
         base = settings.public_base_url.rstrip("/")
         print(f"\nsdserve is serving on {base}")
         print(f"  POST {base}/api/v6/images/text2img")
         print(f"  API docs: {base}/docs")
-        print(f"  Prometheus metrics: http://{args.host}:{args.metrics_port}/metrics")
+        print(f"  Prometheus metrics: http://{host}:{args.metrics_port}/metrics")
         if settings.demo_key:
             print(f"  demo API key: {settings.demo_key}")
         # Ray's high-throughput mode (RAY_ENV) keeps replica logs off stderr
