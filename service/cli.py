@@ -49,7 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     add_models_subcommands(commands)
 
     args = parser.parse_args(argv)
-    return args.run(args) or 0
+    from pydantic import ValidationError
+
+    try:
+        return args.run(args) or 0
+    except ValidationError as error:
+        if error.title != "Settings":
+            raise
+        print(f"sdserve: invalid settings (SDSERVE_* or the Serve config's args.settings):\n"
+              f"{_describe(error)}", file=sys.stderr)  # fmt: skip
+        return 2
+
+
+def _describe(error) -> str:
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {message}" if where else f"  {message}")
+    return "\n".join(lines)
 
 
 def _tiny_model(args) -> int:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_ID = "stable-diffu"
+DEFAULT_MAX_CONCURRENT_REQUESTS = {"free": 5, "pay_per_use": 10, "premium": 15}
 DEMO_API_KEY = "sdserve-demo-key"
 
 
@@ -180,8 +181,9 @@ class Settings(BaseSettings):
     )
     free_images_per_month: int = Field(25, description="Images a free-plan key gets per month.")
     max_concurrent_requests: dict[str, int] = Field(
-        default_factory=lambda: {"free": 5, "pay_per_use": 10, "premium": 15},
-        description="Per plan: requests a key may have queued or running at once.",
+        default_factory=lambda: dict(DEFAULT_MAX_CONCURRENT_REQUESTS),
+        description="Per plan: requests a key may have queued or running at once (plans not "
+        "named keep their default).",
     )
     gpu_hour_price_usd: Decimal = Field(
         Decimal("2.50"), description="What one GPU-hour costs the operator (cost to serve)."
@@ -270,6 +272,46 @@ class Settings(BaseSettings):
         description="Input pixels per side of one upscaler tile (each with 32 pixels of "
         "context); bounds the upscaler's memory whatever the image size.",
     )
+
+    @field_validator("max_concurrent_requests", mode="after")
+    @classmethod
+    def _plans_not_named_keep_their_limit(cls, limits: dict[str, int]) -> dict[str, int]:
+        return {**DEFAULT_MAX_CONCURRENT_REQUESTS, **limits}
+
+    @model_validator(mode="after")
+    def _money_and_plans_are_usable(self) -> Settings:
+        """The checks the stores make when a replica builds them, made here so that a bad
+        value stops `sdserve serve` (or a Serve deploy) at once instead of each replica."""
+        from service.pricing import PlanLimits, PriceList, usd_to_micros
+
+        PlanLimits.from_settings(self)
+        PriceList.from_settings(self)
+        for name in ("demo_key_balance_usd", "gpu_hour_price_usd"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{name} must not be negative, got {value} USD")
+        usd_to_micros(self.demo_key_balance_usd)
+        return self
+
+    @model_validator(mode="after")
+    def _default_steps_within_max_steps(self) -> Settings:
+        for model_id, spec in self.models.items():
+            steps = getattr(spec, "default_steps", None)
+            if steps is not None and steps > self.max_steps:
+                raise ValueError(
+                    f"models.{model_id}.default_steps {steps} is above max_steps {self.max_steps}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _default_and_preloaded_models_are_served(self) -> Settings:
+        for model_id in [self.default_model_id, *(self.preload_models or ())]:
+            if model_id not in self.models:
+                raise ValueError(
+                    f"model {model_id!r} (default_model_id / preload_models) is not one of "
+                    f"models: {', '.join(sorted(self.models))}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _always_needs_a_checker(self) -> Settings:

@@ -121,6 +121,12 @@ class PlanLimits:
     free_images_per_month: int = 25
 
     def __post_init__(self):
+        unknown = [plan for plan in self.max_concurrent if plan not in Plan._value2member_map_]
+        if unknown:
+            raise ValueError(
+                f"max_concurrent_requests names unknown plan(s) {unknown}; plans: "
+                f"{', '.join(plan.value for plan in Plan)}"
+            )
         limits = {Plan(plan): int(n) for plan, n in self.max_concurrent.items()}
         missing = [plan.value for plan in Plan if plan not in limits]
         if missing:

@@ -496,6 +496,8 @@ class Text2ImgRequest(KeyedRequest):
             sizes[name] = size
 
         samples = bounded("samples", self.samples, 1, 1, settings.max_samples)
+        # The generic default (30) must not exceed an operator's lower max_steps.
+        default_steps = min(default_steps, settings.max_steps)
         steps = bounded(
             "num_inference_steps", self.num_inference_steps, default_steps, 1, settings.max_steps
         )

@@ -130,6 +130,7 @@ def test_operator_bounds_apply():
         RequestError, match="num_inference_steps must be an integer between 1 and 10"
     ):
         params(settings, num_inference_steps=20)
+    assert params(settings, width=64, height=64)[0].num_inference_steps == 10  # 30, capped
 
 
 @pytest.mark.parametrize(
