@@ -327,13 +327,21 @@ class ContinuousBatcher:
         key = bucket.key
         report = StepReport(key.model_id, key.width, key.height)
         with self._engine_lock, torch.inference_mode():
-            started = self.timer.start()
+            started = span = None
             try:
+                # Inside: after a sticky CUDA error even recording an event raises, and the
+                # running set must still fail (and say so to `on_step`) rather than hang.
+                started = self.timer.start()
                 self._step_bucket(bucket, admitted, report)
-            except Exception as exc:  # a bug of ours: fail the set rather than the loop
+            except Exception as exc:  # a bug of ours, or a dead device: fail the set
                 log.exception("step of bucket %s failed", bucket.key)
                 self._fail_running(bucket, exc, report)
-            span = self.timer.stop(started)
+            if started is not None:
+                try:
+                    span = self.timer.stop(started)
+                except Exception as exc:
+                    log.exception("step of bucket %s: the timer failed", bucket.key)
+                    self._fail_running(bucket, exc, report)
         with self._work:
             if not bucket.has_work() and self._buckets.get(bucket.key) is bucket:
                 del self._buckets[bucket.key]
@@ -358,7 +366,7 @@ class ContinuousBatcher:
             while self._unreported:
                 report, span = self._unreported[0]
                 try:
-                    seconds = self.timer.seconds(span)
+                    seconds = 0.0 if span is None else self.timer.seconds(span)
                 except Exception:  # a timer that fails costs the figure, never the requests
                     log.exception("step timing failed")
                     seconds = 0.0
@@ -377,6 +385,8 @@ class ContinuousBatcher:
                     _settle(future, outcome)
 
     def _wait_for(self, entry: tuple[StepReport, object]) -> None:
+        if entry[1] is None:  # a step whose timer failed: nothing to wait on
+            return
         try:
             self.timer.wait(entry[1])
         except Exception:

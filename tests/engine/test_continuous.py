@@ -258,6 +258,50 @@ def test_failures_stay_with_their_request(engine):
     assert batcher.idle()
 
 
+def test_a_dead_device_fails_every_request_and_says_so_even_when_its_timer_fails(
+    engine, monkeypatch
+):
+    """After a sticky CUDA error every CUDA call raises, recording a timing event included:
+    the running set and later arrivals must still fail (with the error in the step report,
+    which marks the replica unhealthy), not wait for ever."""
+    from service.engine.continuous import WallTimer
+
+    dead = RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    class DeadAfterFault(WallTimer):
+        faulted = False
+
+        def start(self):
+            if self.faulted:
+                raise dead
+            return super().start()
+
+        def stop(self, started):
+            if self.faulted:
+                raise dead
+            return super().stop(started)
+
+    timer = DeadAfterFault()
+
+    def fault(pipe, states):
+        timer.faulted = True
+        raise dead
+
+    monkeypatch.setattr(engine, "denoise_step", fault)
+    reports = []
+    batcher = ContinuousBatcher(engine, on_step=reports.append)
+    batcher.timer = timer
+    first = batcher.submit(request(seed=31))
+    batcher.run_until_idle()
+    later = batcher.submit(request(seed=32))
+    batcher.run_until_idle()
+    for future in (first, later):
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            future.result(timeout=0)
+    assert [report.error is dead for report in reports] == [True, True]
+    assert batcher.idle()
+
+
 def test_cancelled_requests_leave_the_batch(engine):
     batcher = ContinuousBatcher(engine)
     running = batcher.submit(request(seed=31, num_inference_steps=4))
