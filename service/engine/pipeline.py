@@ -165,6 +165,13 @@ class Engine:
     def load(self, model_id: str) -> StableDiffusionPipeline:
         """Load a model (once) the same way for real weights and the tiny test model; the
         least recently used pipeline is unloaded first when `max_loaded_models` is reached."""
+        # A loaded model does not wait behind another model's load (tens of seconds from a
+        # volume): the step loop asks for its pipeline at every step.
+        pipe = self._pipes.get(model_id)
+        if pipe is not None:
+            with contextlib.suppress(KeyError):  # unloaded meanwhile: this caller still has it
+                self._pipes.move_to_end(model_id)
+            return pipe
         with self._load_lock:
             if model_id in self._pipes:
                 self._pipes.move_to_end(model_id)

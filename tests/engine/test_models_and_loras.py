@@ -111,3 +111,33 @@ def test_an_lru_of_one_alternates_two_models_correctly(assets, engine):
         assert np.array_equal(image(small, request(model)), reference[model])
         assert small.loaded_models() == [model]
     assert small.unload("b") and small.loaded_models() == []
+
+
+def test_a_loaded_model_does_not_wait_behind_another_models_load(assets, monkeypatch):
+    import threading
+    import time
+
+    from service.engine import pipeline as pipeline_module
+
+    engine = Engine(assets["models"])
+    pipe_a = engine.load("a")
+    real = pipeline_module.StableDiffusionPipeline.from_pretrained
+    release = threading.Event()
+
+    def slow_from_pretrained(path, *args, **kwargs):
+        release.wait(timeout=30)  # model b on a slow volume
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(
+        pipeline_module.StableDiffusionPipeline, "from_pretrained", slow_from_pretrained
+    )
+    loading = threading.Thread(target=engine.load, args=("b",))
+    loading.start()
+    time.sleep(0.2)  # b's load holds the load lock now
+    started = time.perf_counter()
+    assert engine.load("a") is pipe_a
+    waited = time.perf_counter() - started
+    release.set()
+    loading.join()
+    assert waited < 1.0, f"the lookup of a loaded model waited {waited:.1f} s"
+    assert engine.loaded_models() == ["a", "b"]
