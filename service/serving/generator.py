@@ -125,7 +125,9 @@ class Generator:
                 tile=settings.upscaler_tile,
             )
         self.max_batch_images = max_batch_images
-        self._waiting = 0
+        # Requests not yet in a batch (model load, checks, @serve.batch's queue): a set, so
+        # that one cancelled anywhere leaves it exactly once.
+        self._waiting: set[object] = set()
         self._unusable: str | None = None
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -139,7 +141,7 @@ class Generator:
                     metrics=self.metrics,
                     gpu_hour_price_usd=settings.gpu_hour_price_usd,
                     device=device,
-                    queue_depth=lambda: self._waiting,
+                    queue_depth=lambda: len(self._waiting),
                     on_fatal=self._note_fatal,
                 )
             else:
@@ -182,8 +184,9 @@ class Generator:
         return model_id
 
     async def generate(self, params: GenerationParams) -> GenerationOutput:
-        self._waiting += 1
-        self.metrics.set_queue_depth(self._waiting)
+        ticket = object()
+        self._waiting.add(ticket)
+        self.metrics.set_queue_depth(len(self._waiting))
         try:
             await self._get_model(params.model_id)
             checked = params.embeddings or params.vae is not None
@@ -191,21 +194,25 @@ class Generator:
                 # A bad embedding or VAE must fail its own request, not the batch it would join
                 # (the step batcher checks each request on submit).
                 await asyncio.to_thread(self.engine.check_request, params)
-        except Exception:
-            self._waiting -= 1
-            raise
-        if self._steps is not None:
-            self._waiting -= 1
-            result = await self._steps.generate(params)
-        else:
-            result = await self._batched((params, time.perf_counter()))
-            if isinstance(result, Exception):
-                raise result
+            if self._steps is not None:
+                self._leave_queue(ticket)
+                result = await self._steps.generate(params)
+            else:
+                result = await self._batched((params, time.perf_counter(), ticket))
+                if isinstance(result, Exception):
+                    raise result
+        finally:  # failed or cancelled (also inside @serve.batch's queue, which drops it)
+            self._leave_queue(ticket)
         if params.safety_checker:
             result = await asyncio.to_thread(self._check_safety, params, result)
         if params.upscale > 1:
             result = await asyncio.to_thread(self._upscale, params, result)
         return result
+
+    def _leave_queue(self, ticket: object) -> None:
+        if ticket in self._waiting:
+            self._waiting.discard(ticket)
+            self.metrics.set_queue_depth(len(self._waiting))
 
     def _upscale(self, params: GenerationParams, output: GenerationOutput) -> GenerationOutput:
         """After the safety check: a flagged image is treated at the size the checker saw."""
@@ -301,7 +308,7 @@ class Generator:
             "device": self.device,
             "gpu": gpu,
             "loaded_models": self.engine.loaded_models(),
-            "queue_depth": self._steps.queue_depth() if self._steps else self._waiting,
+            "queue_depth": self._steps.queue_depth() if self._steps else len(self._waiting),
             "batching": "step" if self._steps else "request",
             "healthy": self._unusable is None,
         }
@@ -316,13 +323,13 @@ class Generator:
             raise RuntimeError(f"generator unusable: {self._unusable}")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)
-    async def _batched(self, items: list[tuple[GenerationParams, float]]) -> list:
+    async def _batched(self, items: list[tuple[GenerationParams, float, object]]) -> list:
         started = time.perf_counter()
-        requests = [params for params, _ in items]
-        for params, enqueued in items:
+        requests = [params for params, _, _ in items]
+        for params, enqueued, ticket in items:
             self.metrics.stage("queue", params.model_id, started - enqueued)
-        self._waiting -= len(items)
-        self.metrics.set_queue_depth(self._waiting)
+            self._waiting.discard(ticket)
+        self.metrics.set_queue_depth(len(self._waiting))
 
         results: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = defaultdict(list)

@@ -1,0 +1,63 @@
+"""The generator's queue count (`queue_depth` gauge, `system_details`) in request mode: a request
+leaves it exactly once, whether it reaches a batch, fails, or is cancelled while its model
+loads or while it waits in `@serve.batch`'s queue (which drops cancelled requests unseen).
+
+A unit test of the Generator alone: the blank engine, the model loader stubbed, and the replica
+context `@serve.batch` reads its `max_ongoing_requests` from."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from ray import serve
+
+from service.config import Settings
+from service.engine.protocol import GenerationParams
+from service.serving.generator import Generator
+
+
+@pytest.fixture
+def generator(monkeypatch):
+    context = SimpleNamespace(
+        _deployment_config=SimpleNamespace(max_ongoing_requests=64), replica_tag="replica-1"
+    )
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    return Generator(
+        Settings(models={"stable-diffu": "unused"}, warmup=False),
+        max_batch_size=8,
+        batch_wait_timeout_s=0.3,
+        max_batch_images=16,
+        engine="service.engine.blank:BlankEngine",
+        batching="request",
+    )
+
+
+def test_cancelled_and_served_requests_all_leave_the_queue_count(generator):
+    params = GenerationParams(prompt="x", model_id="stable-diffu", width=64, height=64)
+
+    async def scenario():
+        async def cold_load(model_id):
+            await asyncio.sleep(1.0)
+            return model_id
+
+        async def warm(model_id):
+            return model_id
+
+        generator._get_model = cold_load
+        loading = asyncio.create_task(generator.generate(params))
+        await asyncio.sleep(0.1)
+        assert generator.details()["queue_depth"] == 1
+        loading.cancel()  # while its model loads
+
+        generator._get_model = warm
+        queued = asyncio.create_task(generator.generate(params))
+        await asyncio.sleep(0.1)  # inside the batch's 0.3 s wait
+        queued.cancel()
+        served = await generator.generate(params)
+        await asyncio.gather(loading, queued, return_exceptions=True)
+        assert len(served.images) == 1
+        assert generator.details()["queue_depth"] == 0
+
+    asyncio.run(scenario())
