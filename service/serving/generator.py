@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 import pickle
+import threading
 import time
 from collections import defaultdict
 
@@ -128,6 +128,7 @@ class Generator:
         # Requests not yet in a batch (model load, checks, @serve.batch's queue): a set, so
         # that one cancelled anywhere leaves it exactly once.
         self._waiting: set[object] = set()
+        self._calls = threading.Lock()  # request mode: one pipeline call, warm-up or unload
         self._unusable: str | None = None
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -158,8 +159,13 @@ class Generator:
         )
 
     def _engine_to_itself(self):
-        """In step mode, warm-ups and unloads wait for the current step (no-op otherwise)."""
-        return self._steps.exclusive() if self._steps is not None else contextlib.nullcontext()
+        """Warm-ups and unloads wait for the current step (step mode) or pipeline call (request
+        mode): a warm-up generates without LoRAs, which would switch off a running batch's."""
+        return self._steps.exclusive() if self._steps is not None else self._calls
+
+    def _generate_alone(self, chunk: list[GenerationParams]) -> list:
+        with self._calls:
+            return self.engine.generate(chunk)
 
     def _note_fatal(self, exc: BaseException) -> None:
         if _is_fatal_device_error(exc):
@@ -348,7 +354,7 @@ class Generator:
         first = chunk[0]
         started = time.perf_counter()
         try:
-            outputs = await asyncio.to_thread(self.engine.generate, chunk)
+            outputs = await asyncio.to_thread(self._generate_alone, chunk)
         except Exception as exc:
             log.exception("generation failed for a group of %d requests", len(chunk))
             if _is_fatal_device_error(exc):

@@ -1,6 +1,7 @@
-"""The generator's queue count (`queue_depth` gauge, `system_details`) in request mode: a request
-leaves it exactly once, whether it reaches a batch, fails, or is cancelled while its model
-loads or while it waits in `@serve.batch`'s queue (which drops cancelled requests unseen).
+"""The generator in request mode (`@serve.batch`): its queue count (`queue_depth` gauge,
+`system_details`) loses a request exactly once, whether it reaches a batch, fails, or is
+cancelled while its model loads or while it waits in `@serve.batch`'s queue (which drops
+cancelled requests unseen); and a warm-up never runs inside a pipeline call.
 
 A unit test of the Generator alone: the blank engine, the model loader stubbed, and the replica
 context `@serve.batch` reads its `max_ongoing_requests` from."""
@@ -61,3 +62,36 @@ def test_cancelled_and_served_requests_all_leave_the_queue_count(generator):
         assert generator.details()["queue_depth"] == 0
 
     asyncio.run(scenario())
+
+
+def test_a_warm_up_waits_for_the_running_pipeline_call(generator, monkeypatch):
+    """A warm-up generates without LoRAs: run during a batch, it would switch the batch's LoRAs
+    off for its remaining steps. It waits for the call instead, as in step mode."""
+    import threading
+
+    events = []
+    release = threading.Event()
+    real_generate = generator.engine.generate
+
+    def slow_generate(chunk):
+        events.append("batch starts")
+        release.wait(timeout=10)
+        events.append("batch ends")
+        return real_generate(chunk)
+
+    monkeypatch.setattr(generator.engine, "generate", slow_generate)
+    monkeypatch.setattr(generator.engine, "warmup", lambda model_id: events.append("warm-up"))
+    monkeypatch.setattr(generator.settings, "warmup", True)
+    params = GenerationParams(prompt="x", model_id="stable-diffu", width=64, height=64)
+
+    async def scenario():
+        call = asyncio.create_task(generator._run_chunk([params]))
+        while not events:
+            await asyncio.sleep(0.01)
+        warming = asyncio.create_task(asyncio.to_thread(generator._load_and_warm, "stable-diffu"))
+        await asyncio.sleep(0.2)
+        release.set()
+        await asyncio.gather(call, warming)
+
+    asyncio.run(scenario())
+    assert events == ["batch starts", "batch ends", "warm-up"]
