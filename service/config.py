@@ -6,7 +6,10 @@ application builder, so a Serve config file can override any field through its `
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import logging
+import os
 import re
 from decimal import Decimal
 from pathlib import Path
@@ -413,6 +416,25 @@ def _is_network(text: str) -> bool:
     return True
 
 
+# SDSERVE_* variables read by other programs than the service (locust, the chart's test pod).
+NOT_SETTINGS = frozenset({"SDSERVE_LOADTEST_KEYS", "SDSERVE_URL"})
+_warned: set[str] = set()
+
+
 def load_settings(**overrides) -> Settings:
     """Settings from the environment, with explicit overrides (from a Serve config) on top."""
+    _warn_of_unknown_variables(os.environ)
     return Settings(**overrides)
+
+
+def _warn_of_unknown_variables(environ) -> None:
+    """pydantic-settings ignores an SDSERVE_* name that is no setting: a typo (SDSERVE_MODEL)
+    would silently serve the defaults. Said once per process and name."""
+    known = {f"SDSERVE_{name.upper()}" for name in Settings.model_fields} | NOT_SETTINGS
+    for name in sorted(environ):
+        if not name.startswith("SDSERVE_") or name in known or name in _warned:
+            continue
+        _warned.add(name)
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        logging.getLogger(__name__).warning("%s is not an sdserve setting: ignored%s", name, hint)

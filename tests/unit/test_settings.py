@@ -50,3 +50,16 @@ def test_the_cli_says_which_setting_is_wrong_and_exits_2(monkeypatch, tmp_path, 
     err = capsys.readouterr().err
     assert "invalid settings" in err and "free_images_per_month must not be negative" in err
     assert "Traceback" not in err
+
+
+def test_a_mistyped_variable_is_named_with_the_setting_it_resembles(monkeypatch, caplog):
+    from service.config import load_settings
+
+    monkeypatch.setenv("SDSERVE_MODEL", '{"stable-diffu": "x"}')
+    monkeypatch.setenv("SDSERVE_URL", "http://elsewhere")  # the chart's test pod reads it
+    with caplog.at_level("WARNING", logger="service.config"):
+        load_settings()
+    warnings = [record.getMessage() for record in caplog.records]
+    assert warnings == [
+        "SDSERVE_MODEL is not an sdserve setting: ignored; did you mean SDSERVE_MODELS?"
+    ]
