@@ -322,9 +322,9 @@ async def image(request: Request, name: str):
         return JSONResponse(IMAGE_NOT_FOUND, 404)
     if name.endswith(".base64"):
         return PlainTextResponse(data.decode("ascii"))
-    return Response(
-        data, media_type="image/png", headers={"Cache-Control": "public, max-age=86400"}
-    )
+    # A temp link ends 24 hours after its image was made: no cache may keep it beyond.
+    caching = "no-store" if name.startswith("temp/") else "public, max-age=86400"
+    return Response(data, media_type="image/png", headers={"Cache-Control": caching})
 
 
 async def _read_image(service: ImageService, name: str) -> bytes | None:

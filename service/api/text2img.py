@@ -305,15 +305,18 @@ class ImageService:
         Returns the finished job, or None if something else ended it first."""
         started = time.perf_counter()
         resolution = resolution_bucket(params.width, params.height)
+        ended_here = False  # the webhook goes out from whoever ended the job, once
         try:
             output = await self._generate(params)
             # storing and settling in one trip to a thread: each trip costs the event loop
             # a hand-over, which adds up at hundreds of requests a second
             settled = await asyncio.to_thread(self._deliver, job, output, started)
+            ended_here = settled is not None
         except Exception as exc:
             log.exception("job %s failed", job.id)
             message = f"Image generation failed: {_short_reason(exc)}"
             if await asyncio.to_thread(self.jobs.fail, job.id, message, owner=self.owner):
+                ended_here = True
                 await asyncio.to_thread(self.images.delete, job.output_names)  # a partial write
             elapsed = time.perf_counter() - started
             self.metrics.job_done(params.model_id, resolution, "failed", elapsed)
@@ -327,7 +330,7 @@ class ImageService:
             self.metrics.job_done(params.model_id, resolution, "success", elapsed)
             return settled
         finally:
-            if job.webhook:
+            if job.webhook and ended_here:
                 self._notify(job.id)
 
     def _deliver(
@@ -537,7 +540,9 @@ class ImageService:
         for job in claimed:
             key = await asyncio.to_thread(self.keys.by_hash, job.key_hash)
             if key is None:  # the key row is gone: nothing to bill, nothing to run
-                await asyncio.to_thread(self.jobs.fail, job.id, "API key no longer exists")
+                ended = await asyncio.to_thread(self.jobs.fail, job.id, "API key no longer exists")
+                if ended and job.webhook:
+                    self._notify(job.id)
                 continue
             log.warning(
                 "re-dispatching job %s (attempt %s) after its server died", job.id, job.attempts
@@ -564,6 +569,8 @@ class ImageService:
                 task = self._running.get(job.id)
                 if task is not None:
                     task.cancel()
+                if job.webhook:  # ended here, whichever replica was running it
+                    self._notify(job.id)
         return {"status": "success", "cancelled": len(cancelled), "ids": cancelled}
 
     async def drain(self) -> None:

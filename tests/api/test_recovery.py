@@ -44,8 +44,9 @@ def settings(tmp_path):
     )
 
 
-async def accept(service, n: int) -> list[int]:
+async def accept(service, n: int, **fields) -> list[int]:
     body = {"key": KEY, "prompt": "x", "width": 64, "height": 64, "instant_response": "yes"}
+    body.update(fields)
     ids = []
     for _ in range(n):
         response = await service.text2img(Text2ImgRequest(**body), {}, "v6")
@@ -245,5 +246,56 @@ def test_a_slow_prune_does_not_hold_up_the_heartbeats(settings, monkeypatch):
         loop.cancel()
         assert len(prunes) == 1
         assert len(beats) >= 5, f"{len(beats)} heartbeat rounds in 0.6 s beside a 1 s prune"
+
+    asyncio.run(scenario())
+
+
+def notifications(*services) -> list[tuple[int, int]]:
+    """(which service, job id) of every webhook each service starts, in order."""
+    sent: list[tuple[int, int]] = []
+    for index, service in enumerate(services):
+        service._notify = lambda job_id, index=index: sent.append((index, job_id))
+    return sent
+
+
+HOOK = {"webhook": "https://hooks.example.com/sdserve"}
+
+
+def test_one_webhook_per_job_end_whichever_replica_ends_it(settings):
+    async def scenario():
+        # taken over: the new owner finishes first, the old one later; only the first says so
+        old_gate, new_gate = asyncio.Event(), asyncio.Event()
+        old = build_image_service(settings, gated(old_gate))
+        [job_id] = await accept(old, 1, **HOOK)
+        await asyncio.sleep(0.3)
+        new = build_image_service(settings, gated(new_gate))
+        sent = notifications(old, new)
+        assert await new.maintain_once() == ([job_id], [])
+        new_gate.set()
+        await new.drain()
+        old_gate.set()
+        await old.drain()
+        assert new.jobs.get(job_id).status is JobStatus.SUCCESS
+        assert sent == [(1, job_id)]
+
+        # cleared by another replica: the one that cleared it says so, the runner does not
+        gate = asyncio.Event()
+        running = build_image_service(settings, gated(gate))
+        [job_id] = await accept(running, 1, **HOOK)
+        clearing = build_image_service(settings, works)
+        sent = notifications(running, clearing)
+        assert (await clearing.clear_queue())["ids"] == [job_id]
+        gate.set()
+        await running.drain()
+        assert sent == [(1, job_id)]
+
+        # cleared on its own replica, its task cancelled: once as well
+        gate = asyncio.Event()
+        alone = build_image_service(settings, gated(gate))
+        [job_id] = await accept(alone, 1, **HOOK)
+        sent = notifications(alone)
+        assert (await alone.clear_queue())["ids"] == [job_id]
+        await alone.drain()
+        assert sent == [(0, job_id)]
 
     asyncio.run(scenario())

@@ -497,3 +497,12 @@ def test_an_expired_key_is_refused_with_when(env):
             r"Invalid API key: it expired at \d{4}-\d\d-\d\d \d\d:\d\d UTC", refused["message"]
         ), refused
     assert len(engine.calls) == 1
+
+
+def test_a_temp_image_is_never_cached_past_its_24_hours(env):
+    client, _, _ = env
+    fields = {"prompt": "x", "width": 64, "height": 64}
+    for temp, caching in (("no", "public, max-age=86400"), ("yes", "no-store")):
+        [url] = post(client, "/api/v6/images/text2img", temp=temp, **fields).json()["output"]
+        served = client.get(url)
+        assert served.status_code == 200 and served.headers["cache-control"] == caching
