@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from service.config import DEFAULT_MODEL_ID, Settings
 from service.engine.protocol import SAFETY_TREATMENTS, GenerationParams
 from service.engine.schedulers import (
+    HIGHRES_SCHEDULERS,
     SAG_SCHEDULERS,
     SCHEDULERS,
     canonical_scheduler_name,
@@ -583,7 +584,7 @@ class Text2ImgRequest(KeyedRequest):
             upscale=(self.upscale or 1) if settings.upscaler else 1,
             tomesd=bool(self.tomesd) and settings.tomesd_ratio > 0,
             self_attention=bool(self.self_attention) and scheduler in SAG_SCHEDULERS,
-            highres_fix=bool(self.highres_fix) and above_native,
+            highres_fix=bool(self.highres_fix) and above_native and scheduler in HIGHRES_SCHEDULERS,
         )
         not_applied = [
             name for name in NOT_APPLIED_FIELDS if _is_set((self.model_extra or {}).get(name))
@@ -596,6 +597,8 @@ class Text2ImgRequest(KeyedRequest):
                 f"highres_fix ({sizes['width']}x{sizes['height']} is not above the model's "
                 f"native {model.native_width}x{model.native_height})"
             )
+        if self.highres_fix and above_native and scheduler not in HIGHRES_SCHEDULERS:
+            not_applied.append(f"highres_fix ({scheduler} cannot re-noise latents)")
         if self.self_attention and scheduler not in SAG_SCHEDULERS:
             not_applied.append(
                 f"self_attention (needs a scheduler with integer timesteps, not {scheduler})"

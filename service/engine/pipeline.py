@@ -37,7 +37,12 @@ from service.engine.highres import first_pass_size, second_pass_start
 from service.engine.linear_steps import LinearStepper, is_linear
 from service.engine.optimize import OptimizationConfig, apply_optimizations, runner_for
 from service.engine.protocol import GenerationOutput, GenerationParams
-from service.engine.schedulers import build_scheduler, validate_scheduler_options
+from service.engine.schedulers import (
+    HIGHRES_SCHEDULERS,
+    add_noise,
+    build_scheduler,
+    validate_scheduler_options,
+)
 from service.engine.self_attention_guidance import (
     SAG_SCALE,
     SAG_SCHEDULERS,
@@ -762,6 +767,11 @@ class Engine:
                     f"self_attention: needs a scheduler with integer timesteps "
                     f"({', '.join(sorted(SAG_SCHEDULERS))}), got {params.scheduler}"
                 )
+            if params.highres_fix and params.scheduler not in HIGHRES_SCHEDULERS:
+                raise ValueError(
+                    f"highres_fix: needs a scheduler that can re-noise latents, not "
+                    f"{params.scheduler}"
+                )
             if not 0 <= params.seed <= 2**64 - params.samples:
                 raise ValueError(f"seed: must be in 0..2**64 - samples, got {params.seed}")
 
@@ -772,19 +782,6 @@ class Engine:
             raise ValueError(
                 f"model_id: unknown model {model_id!r}; available: {', '.join(self.model_paths)}"
             ) from None
-
-
-def add_noise(
-    scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor
-) -> torch.Tensor:
-    """`scheduler.add_noise`, leaving the scheduler's tables on the CPU: DDIM, DDPM, PNDM and
-    LCM move `alphas_cumprod` to the latents' device there, after which every step would index
-    a device table (and the CPU twin of linear_steps.py would meet a device scalar)."""
-    table = getattr(scheduler, "alphas_cumprod", None)
-    noised = scheduler.add_noise(latents, noise, timestep)
-    if table is not None:
-        scheduler.alphas_cumprod = table
-    return noised
 
 
 def read_embedding(path: Path, name: str) -> torch.Tensor:

@@ -10,12 +10,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import diffusers
 import numpy as np
 from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler as _DiffusersLMS
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import is_scipy_available
+
+if TYPE_CHECKING:
+    import torch
 
 SUFFIX = "Scheduler"
 
@@ -75,6 +79,10 @@ SAG_SCHEDULERS = frozenset(
         "LCMScheduler",
     }
 )
+
+# Schedulers that can noise latents to a timestep (`add_noise`), which the highres fix's
+# second pass needs; IPNDM cannot.
+HIGHRES_SCHEDULERS = frozenset(name for name, cls in _CLASSES.items() if hasattr(cls, "add_noise"))
 
 _BY_LOWER: dict[str, str] = {}
 for _name in SCHEDULERS:
@@ -206,3 +214,16 @@ def build_scheduler(
 
 def _init_params(cls: type) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters)
+
+
+def add_noise(
+    scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor
+) -> torch.Tensor:
+    """`scheduler.add_noise`, leaving the scheduler's tables on the CPU: DDIM, DDPM, PNDM and
+    LCM move `alphas_cumprod` to the latents' device there, after which every step would index
+    a device table (and the CPU twin of linear_steps.py would meet a device scalar)."""
+    table = getattr(scheduler, "alphas_cumprod", None)
+    noised = scheduler.add_noise(latents, noise, timestep)
+    if table is not None:
+        scheduler.alphas_cumprod = table
+    return noised

@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.engine.schedulers import SAG_SCHEDULERS  # noqa: F401  (re-exported)
+from service.engine.schedulers import (
+    SAG_SCHEDULERS,  # noqa: F401  (re-exported)
+    add_noise,
+)
 
 SAG_SCALE = 0.75
 BLUR_KERNEL = 9
@@ -124,4 +127,4 @@ def degrade(
     mask = attended.reshape(rows, 1, *grid).to(x0.dtype).expand(-1, channels, -1, -1)
     mask = F.interpolate(mask, (height, width))
     blurred = gaussian_blur(x0) * mask + x0 * (1 - mask)
-    return scheduler.add_noise(blurred, eps, timestep.reshape(1))
+    return add_noise(scheduler, blurred, eps, timestep.reshape(1))

@@ -284,6 +284,9 @@ def test_highres_fix_applies_above_the_native_pixel_count():
         "highres_fix (768x768 is not above the model's native 768x768)"
     ]
     assert params(model_id="other", highres_fix="yes", width=512, height=640)[0].highres_fix
+    ipndm, options = params(highres_fix="yes", width=1024, height=1024, scheduler="IPNDM")
+    assert not ipndm.highres_fix
+    assert options["not_applied"] == ["highres_fix (IPNDMScheduler cannot re-noise latents)"]
 
 
 def test_a_scheduler_combination_the_engine_cannot_build_is_an_error_before_queueing():

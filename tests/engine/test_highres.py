@@ -77,3 +77,19 @@ def test_step_batching_runs_the_passes_of_different_requests_side_by_side(engine
     batcher.run_until_idle()
     for seed, future in futures.items():
         assert np.abs(future.result(120).images[0].astype(int) - alone[seed]).max() <= 1
+
+
+def test_a_scheduler_that_cannot_re_noise_fails_only_its_own_request(engine):
+    """IPNDM has no `add_noise`: its highres request is refused when submitted, naming the
+    field, and the highres requests sharing its bucket keep running."""
+    from service.engine.schedulers import HIGHRES_SCHEDULERS, SCHEDULERS
+
+    assert set(SCHEDULERS) - HIGHRES_SCHEDULERS == {"IPNDMScheduler"}
+    with pytest.raises(ValueError, match="^highres_fix: needs a scheduler that can re-noise"):
+        engine.generate([request(scheduler="IPNDMScheduler")])
+    batcher = ContinuousBatcher(engine)
+    bystander = batcher.submit(request(seed=7, scheduler="DDIMScheduler", num_inference_steps=3))
+    with pytest.raises(ValueError, match="^highres_fix:"):
+        batcher.submit(request(seed=8, scheduler="IPNDMScheduler", num_inference_steps=1))
+    batcher.run_until_idle()
+    assert bystander.result(timeout=0).images[0].shape == (768, 1024, 3)

@@ -80,7 +80,7 @@ def test_noise_drawing_and_clipping_schedulers_are_stepped_directly():
 def test_highres_noising_leaves_the_schedulers_tables_on_the_cpu():
     """diffusers' DDIM moves `alphas_cumprod` to the latents' device in add_noise; the twin
     (and a sync-free step) needs it on the CPU. The meta device stands in for a GPU here."""
-    from service.engine.pipeline import add_noise
+    from service.engine.schedulers import add_noise
 
     scheduler = build_scheduler(BASE, "DDIMScheduler", False, None)
     scheduler.set_timesteps(4, device="cpu")

@@ -127,3 +127,20 @@ def test_sag_with_token_merging_and_on_the_optimized_path(engine, tiny_model_dir
     optimized = Engine({MODEL: tiny_model_dir}, optimizations=config)
     assert np.abs(image(optimized, request()).astype(int) - image(engine, request())).max() <= 2
     assert np.abs(image(optimized, request(tomesd=True)).astype(int) - both).max() <= 2
+
+
+def test_degrading_leaves_the_schedulers_tables_on_the_cpu():
+    """SAG's re-noising goes through the same `add_noise` as the highres fix: diffusers' DDIM
+    would move `alphas_cumprod` to the device, which the next step's CPU twin cannot index.
+    The meta device stands in for a GPU."""
+    import torch
+
+    from service.engine.schedulers import build_scheduler
+    from service.engine.self_attention_guidance import degrade
+
+    scheduler = build_scheduler({"num_train_timesteps": 1000}, "DDIMScheduler", False, None)
+    scheduler.set_timesteps(4, device="cpu")
+    x0 = torch.zeros(1, 4, 8, 8, device="meta")
+    probs = torch.zeros(1, 2, 16, 16, device="meta")
+    degrade(scheduler, x0, torch.zeros_like(x0), probs, (4, 4), scheduler.timesteps[:1])
+    assert scheduler.alphas_cumprod.device.type == "cpu"
