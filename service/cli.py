@@ -101,8 +101,8 @@ def listen_options(http_options: dict, host: str | None, port: int | None) -> di
     """The Serve config's `http_options` with the command line's host and port, where given."""
     return {
         **http_options,
-        "host": host or http_options.get("host") or "127.0.0.1",
-        "port": port or http_options.get("port") or 8000,
+        "host": host if host is not None else http_options.get("host", "127.0.0.1"),
+        "port": port if port is not None else http_options.get("port", 8000),
     }
 
 

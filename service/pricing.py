@@ -54,6 +54,10 @@ def usd_to_micros(usd: Decimal | int | str) -> int:
         raise ValueError(f"{usd} USD is out of range")
     if shift >= 0:
         micros = coefficient * 10**shift
+    elif coefficient and -shift > len(digits):  # below a micro-dollar: no need to divide
+        raise ValueError(f"{usd} USD is finer than a micro-dollar (0.000001 USD)")
+    elif not coefficient:
+        micros = 0
     else:
         micros, rest = divmod(coefficient, 10**-shift)
         if rest:

@@ -317,7 +317,7 @@ class ImageService:
             message = f"Image generation failed: {_short_reason(exc)}"
             if await asyncio.to_thread(self.jobs.fail, job.id, message, owner=self.owner):
                 ended_here = True
-                await asyncio.to_thread(self.images.delete, job.output_names)  # a partial write
+                await asyncio.to_thread(self._withdraw, job)  # a partial write
             elapsed = time.perf_counter() - started
             self.metrics.job_done(params.model_id, resolution, "failed", elapsed)
             raise
@@ -362,8 +362,16 @@ class ImageService:
             # another replica took over keeps them: that replica writes the same images.
             current = self.jobs.get(job.id)
             if current is None or current.status is JobStatus.FAILED:
-                self.images.delete(job.output_names)
+                self._withdraw(job)
         return finished
+
+    def _withdraw(self, job: JobRecord) -> None:
+        """Remove the images of a job that ended failed; a store error is logged, not raised
+        over the job's own outcome."""
+        try:
+            self.images.delete(job.output_names)
+        except Exception:
+            log.exception("job %s: its images could not be removed from the store", job.id)
 
     def _store_images(self, names: list[str], images: list) -> None:
         if len(images) != len(names):

@@ -122,3 +122,6 @@ def test_amounts_beyond_any_balance_are_refused_promptly():
     assert usd_to_micros("12345678901234567890123456789.5") == 12345678901234567890123456789500000
     with pytest.raises(ValueError, match="out of range"):
         usd_to_micros("1e999999999")
+    with pytest.raises(ValueError, match="finer than a micro-dollar"):
+        usd_to_micros("1e-999999999")
+    assert usd_to_micros("0e-999999999") == 0

@@ -22,6 +22,7 @@ def test_the_serve_config_sets_the_address_and_flags_override_it(tmp_path):
     overridden = listen_options(http_options, "127.0.0.1", 8123)
     assert (overridden["host"], overridden["port"]) == ("127.0.0.1", 8123)
     assert listen_options({}, None, None) == {"host": "127.0.0.1", "port": 8000}
+    assert listen_options(http_options, None, 0)["port"] == 0  # any free port
 
 
 def test_the_projects_serve_config_listens_where_the_readme_says():
