@@ -45,23 +45,20 @@ def usd_to_micros(usd: Decimal | int | str) -> int:
         raise ValueError(f"{usd!r} is not an amount of USD") from None
     if not value.is_finite():
         raise ValueError(f"{usd!r} is not an amount of USD")
-    # Integer arithmetic on the digits: Decimal operations round to the context's 28 digits,
-    # which would turn a sub-micro amount with more digits into a silently rounded one.
+    # On the digits, not with Decimal arithmetic, which rounds to the context's 28 digits and
+    # would turn a sub-micro amount with more digits into a silently rounded one.
     sign, digits, exponent = value.as_tuple()
-    coefficient = int("".join(map(str, digits)) or 0)
-    shift = exponent + 6
+    digits, shift = list(digits), exponent + 6
+    while shift < 0 and digits and digits[-1] == 0:  # 0.004700000: zeros are not precision
+        digits.pop()
+        shift += 1
+    if not any(digits):
+        return 0
+    if shift < 0:
+        raise ValueError(f"{usd} USD is finer than a micro-dollar (0.000001 USD)")
     if shift > _MAX_SHIFT:
         raise ValueError(f"{usd} USD is out of range")
-    if shift >= 0:
-        micros = coefficient * 10**shift
-    elif coefficient and -shift > len(digits):  # below a micro-dollar: no need to divide
-        raise ValueError(f"{usd} USD is finer than a micro-dollar (0.000001 USD)")
-    elif not coefficient:
-        micros = 0
-    else:
-        micros, rest = divmod(coefficient, 10**-shift)
-        if rest:
-            raise ValueError(f"{usd} USD is finer than a micro-dollar (0.000001 USD)")
+    micros = int("".join(map(str, digits))) * 10**shift
     return -micros if sign else micros
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from service.config import DEFAULT_MODEL_ID, Settings
 from service.engine.protocol import SAFETY_TREATMENTS, GenerationParams
 from service.engine.schedulers import (
+    ALGORITHM_TYPES,
     HIGHRES_SCHEDULERS,
     SAG_SCHEDULERS,
     SCHEDULERS,
@@ -626,9 +627,6 @@ def _parse_strengths(text: str | None) -> list[float] | None:
     except ValueError:
         return None
     return values if all(math.isfinite(v) for v in values) else None
-
-
-ALGORITHM_TYPES = ("dpmsolver+++", "dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 
 
 def _is_set(value: Any) -> bool:

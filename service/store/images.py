@@ -54,16 +54,13 @@ class ImageStore:
             f.write(data)
         self._fs.mv(partial, path)
 
-    def delete(self, names: list[str]) -> int:
-        """Remove these outputs (and any half-written copy); returns how many files went."""
-        removed = 0
+    def delete(self, names: list[str]) -> None:
+        """Remove these outputs and any half-written copy of them."""
         for name in names:
             path = self._path(name)
             for candidate in (path, f"{path}.partial"):
                 with contextlib.suppress(FileNotFoundError):
                     self._fs.rm_file(candidate)
-                    removed += 1
-        return removed
 
     def read(self, name: str) -> bytes | None:
         """The file's bytes, or None when it does not exist (yet) or has expired."""
