@@ -544,7 +544,10 @@ class PipelineRunner:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # A size first seen in serving is captured on the step thread while another thread may
+        # load a model (cudaMalloc, copies on its own stream): "global" mode would fail this
+        # capture for that, and a failed capture turns graphs off for the model for good.
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             output = forward(*inputs)
         torch.cuda.synchronize()
         self.stats.graph_captures += 1

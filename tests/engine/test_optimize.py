@@ -5,6 +5,7 @@ and the GPU timings are exercised by benchmarks/sd2_bench.py on a GPU (benchmark
 """
 
 # ruff: noqa: E402
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,6 +32,7 @@ from service.engine.kernels import triton_runs_on
 from service.engine.optimize import (
     GroupNormSiLU,
     OptimizationConfig,
+    PipelineRunner,
     _pad_rows,
     runner_for,
     sdpa_backends,
@@ -387,3 +389,81 @@ def test_attention_overflow_gives_no_nan_on_the_optimized_path(tiny_model_dir):
         assert torch.isfinite(latents).all(), (dtype, attention)
         image = engine.generate([params])[0].images[0]
         assert image.std() > 1  # not a flat (black) image
+
+
+# --- CUDA graph capture, with torch.cuda's calls stood in for (this machine has no GPU) --------
+
+
+class _CaptureRecorder:
+    """Stands in for the torch.cuda calls a capture makes, and records the capture's mode."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.modes: list[str] = []
+        self.fail = fail
+
+    def install(self, monkeypatch) -> None:
+        class Stream:
+            def wait_stream(self, other) -> None:
+                pass
+
+        recorder = self
+
+        class Graph:
+            def replay(self) -> None:
+                pass
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+            recorder.modes.append(capture_error_mode)
+            if recorder.fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            yield
+
+        for name, value in {
+            "Stream": Stream,
+            "current_stream": Stream,
+            "stream": lambda s: contextlib.nullcontext(),
+            "graph_pool_handle": object,
+            "CUDAGraph": Graph,
+            "graph": graph,
+            "synchronize": lambda: None,
+        }.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def graph_runner() -> PipelineRunner:
+    config = OptimizationConfig(enabled=True, compile=False, cuda_graphs=True, batch_buckets=(2, 4))
+    return PipelineRunner(pipe=None, config=config, device=torch.device("cpu"))
+
+
+def unet_inputs(rows: int = 1) -> tuple:
+    return torch.randn(rows, 4, 8, 8), torch.tensor([500.0] * rows), torch.randn(rows, 77, 32)
+
+
+def test_a_lazy_capture_ignores_other_threads_cuda_work(monkeypatch):
+    """A size first seen while serving is captured on the step thread while another thread may
+    be loading a model: only the capturing thread's own unsafe calls may fail the capture."""
+    recorder = _CaptureRecorder()
+    recorder.install(monkeypatch)
+    runner = graph_runner()
+    calls = []
+
+    def forward(sample, timestep, encoder_hidden_states):
+        calls.append(sample.shape[0])
+        return sample * 2
+
+    graphed = runner._graph_for(2, unet_inputs(2), forward)
+    assert graphed is not None and runner.stats.graph_error is None
+    assert recorder.modes == ["thread_local", "thread_local"]  # both buckets, largest first
+    assert calls == [4, 4, 4, 2, 2, 2]  # two warm-up runs outside each capture, one inside
+    # the captured call reads the graph's own static inputs, which a replay refills
+    assert torch.equal(graphed.output, graphed.inputs[0] * 2)
+    assert graphed.inputs[0].shape == (2, 4, 8, 8)
+
+
+def test_a_failed_capture_turns_graphs_off_and_runs_eager(monkeypatch):
+    _CaptureRecorder(fail=True).install(monkeypatch)
+    runner = graph_runner()
+    assert runner._graph_for(2, unet_inputs(2), lambda s, t, e: s) is None
+    assert "not permitted when stream is capturing" in runner.stats.graph_error
+    assert runner._graphs == {}
