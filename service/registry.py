@@ -28,7 +28,7 @@ class ModelRegistry:
 
     def __init__(self, settings: Settings):
         self._models = {
-            model_id: _read_model_info(model_id, spec)
+            model_id: _read_model_info(model_id, spec, settings.max_steps)
             for model_id, spec in settings.model_specs().items()
         }
         self._loras = settings.lora_paths()
@@ -60,7 +60,7 @@ class ModelRegistry:
         return {m.model_id: m.path for m in self._models.values()}
 
 
-def _read_model_info(model_id: str, spec: ModelSpec) -> ModelInfo:
+def _read_model_info(model_id: str, spec: ModelSpec, max_steps: int) -> ModelInfo:
     """Native size = UNet sample size x VAE scale factor (96 x 8 = 768 for SD 2.0 768-v)."""
     path = Path(spec.path)
     try:
@@ -80,7 +80,8 @@ def _read_model_info(model_id: str, spec: ModelSpec) -> ModelInfo:
         path=path,
         width=spec.width or width * scale,
         height=spec.height or height * scale,
-        default_steps=spec.default_steps or 30,
+        # a spec's own default is validated against max_steps; the generic 30 is capped by it
+        default_steps=spec.default_steps or min(30, max_steps),
         prediction_type=scheduler.get("prediction_type", "epsilon"),
         native_width=width * scale,
         native_height=height * scale,

@@ -169,8 +169,15 @@ def test_operator_settings_change_the_documented_bounds(tmp_path):
         rejected = client.post(
             "/api/v6/images/text2img", json={"key": KEY, "prompt": "x", "width": 520}
         ).json()
+        config = client.get("/playground/config").json()
+        listed = client.post("/api/v4/dreambooth/model_list", json={"key": KEY}).json()
     assert (fields["width"]["minimum"], fields["width"]["maximum"]) == (128, 512)
     assert fields["num_inference_steps"]["maximum"] == 20
+    # the default steps a client (the playground's form) would send back are allowed
+    assert fields["num_inference_steps"]["default"] == 20
+    assert config["fields"]["num_inference_steps"]["default"] == 20
+    assert [m["default_steps"] for m in config["models"]] == [20]
+    assert [m["default_steps"] for m in listed] == [20]
     assert fields["samples"]["maximum"] == 2
     # the document and the validator agree
     assert rejected["message"] == "width must be a multiple of 8 between 128 and 512"
