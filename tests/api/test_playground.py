@@ -49,9 +49,17 @@ def test_nothing_is_fetched_from_outside():
         assert re.findall(r"https?://", text) == [], path.name
 
 
-@pytest.mark.parametrize("name", ["../routes.py", "..%2Froutes.py", ".hidden", "nope.js", "x.py"])
-def test_only_known_static_files_are_served(client, name):
-    assert client.get(f"/static/{name}").status_code == 404
+def test_only_known_static_files_are_served(client, tmp_path, monkeypatch):
+    """Files that exist beside the page but are no page files stay private."""
+    static = tmp_path / "static"
+    (static / "sub").mkdir(parents=True)
+    for name in ("page.js", "secret.py", ".env.js", "sub/inner.js"):
+        (static / name).write_text("x")
+    (tmp_path / "routes.js").write_text("x")
+    monkeypatch.setattr("service.api.playground.STATIC_DIR", static)
+    assert client.get("/static/page.js").status_code == 200
+    for name in ("secret.py", ".env.js", "sub", "sub%2Finner.js", "..%2Froutes.js", "nope.js"):
+        assert client.get(f"/static/{name}").status_code == 404, name
 
 
 def test_config_has_models_schedulers_and_live_bounds(client):
