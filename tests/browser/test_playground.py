@@ -191,6 +191,10 @@ def test_token_merging_highres_fix_and_self_attention_guidance_boxes(page, serve
     page.click("#generate")
     images = loaded_images(page, 1)
     assert (images[0]["w"], images[0]["h"]) == (128, 128)
+    # what the server could not honour is said under the result
+    assert page.inner_text("#result-not-applied").startswith(
+        "highres_fix (128x128 is not above the model's native"
+    )
     # back to a sigma scheduler: the box is cleared, and the request no longer asks for SAG
     page.select_option("#scheduler", "EulerDiscreteScheduler")
     assert not page.is_checked("#self_attention")
@@ -257,13 +261,116 @@ def test_key_and_credit_errors(page, server):
     assert page.inner_text("#key-error") == ""
 
 
-def test_the_key_is_remembered_in_the_browser(page, server):
+def test_a_key_is_remembered_only_when_asked_and_only_if_valid(page, server):
     open_playground(page, server, server.demo_key)
     assert "pay per use" in page.inner_text("#account")
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
-    assert page.input_value("#key") == server.demo_key
+    assert page.input_value("#key") == ""  # not asked to remember it
+
+    page.check("#remember-key")
+    page.fill("#key", "not-a-typo-to-keep")
+    page.press("#key", "Tab")
+    page.wait_for_selector("#key-error:not(:empty)")
+    assert page.inner_text("#key-error") == "Invalid API key"
+    assert page.evaluate("localStorage.getItem('sdserve.apiKey')") is None
+
+    page.fill("#key", server.demo_key)
+    page.press("#key", "Tab")
     page.wait_for_function("document.querySelector('#account').textContent.includes('balance')")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.input_value("#key") == server.demo_key and page.is_checked("#remember-key")
+    page.wait_for_function("document.querySelector('#account').textContent.includes('balance')")
+    page.uncheck("#remember-key")  # forgotten at once
+    assert page.evaluate("localStorage.getItem('sdserve.apiKey')") is None
+
+
+def test_a_lost_answer_and_a_failing_fetch_neither_lose_nor_repeat_the_job(page, server):
+    """A send reaches the server but its answer is lost (a 503 in its place): the page sends
+    again with the same Idempotency-Key, so the job is made and charged once. A poll that meets
+    a 503 is asked again until the images arrive."""
+    open_playground(page, server, server.demo_key)
+    balance = balance_of(page)
+    fill_form(page, width=128, height=128, num_inference_steps=2, seed=11)
+    unavailable = json.dumps({"status": "error", "message": "database down", "retry_after": 1})
+    sends, polls = [], []
+
+    def lose_first_answer(route):
+        sends.append(route.request.headers.get("idempotency-key"))
+        answer = route.fetch()  # the server made the job
+        if len(sends) == 1:
+            route.fulfill(status=503, body=unavailable, content_type="application/json")
+        else:
+            route.fulfill(response=answer)
+
+    def fail_first_poll(route):
+        polls.append(route.request.url)
+        if len(polls) == 1:
+            route.fulfill(status=503, body=unavailable, content_type="application/json")
+        else:
+            route.continue_()
+
+    page.route("**/api/v6/images/text2img", lose_first_answer)
+    page.click("#generate")
+    first = loaded_images(page, 1)
+    assert len(sends) == 2 and sends[0] == sends[1] and sends[0].startswith("playground-")
+    page.unroute("**/api/v6/images/text2img")
+
+    page.route("**/api/v6/images/fetch/**", fail_first_poll)
+    page.fill("#seed", "12")
+    page.click("#generate")
+    page.wait_for_function(
+        f"[...document.querySelectorAll('#gallery img')].every(i => i.src !== {first[0]['src']!r})"
+    )
+    loaded_images(page, 1)
+    assert len(polls) >= 2 and page.inner_text("#status").startswith("Done in")
+    page.wait_for_function(
+        f"document.querySelector('#account').textContent.includes('balance {balance - 2 * PRICE}$')"
+    )
+
+
+def test_a_job_past_the_pages_patience_is_handed_back_with_check_again(page, server):
+    page.clock.install()
+    open_playground(page, server, server.demo_key)
+    fill_form(page, width=128, height=128, num_inference_steps=2)
+    # the server answers "processing" for as long as this route stands
+    page.route(
+        "**/api/v6/images/fetch/**",
+        lambda route: route.fulfill(
+            status=200,
+            content_type="application/json",
+            body=json.dumps(
+                {"status": "processing", "id": route.request.url.rsplit("/", 1)[-1], "eta": 1}
+            ),
+        ),
+    )
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Proc')")
+    page.clock.fast_forward(700_000)
+    page.wait_for_selector("#pending:not([hidden])")
+    assert page.inner_text("#status") == "Still processing"
+    assert "is still processing after" in page.inner_text("#pending-text")
+    assert not page.is_disabled("#generate")
+    page.unroute("**/api/v6/images/fetch/**")
+    page.click("#check-again")
+    loaded_images(page, 1)
+    assert page.inner_text("#status").startswith("Done in")
+    assert not page.is_visible("#pending")
+
+
+def test_a_number_box_holding_no_number_is_refused_not_dropped(page, server):
+    open_playground(page, server, server.demo_key)
+    fill_form(page, height=128)
+    page.fill("#width", "")
+    page.click("#width")
+    page.keyboard.type("12e")
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if "text2img" in r.url else None)
+    page.click("#generate")
+    assert page.inner_text("#width-error") == "width must be a number"
+    assert page.get_attribute("#width", "aria-invalid") == "true"
+    assert sent == []
 
 
 def test_free_and_premium_keys_cost_nothing(page, server):
@@ -281,6 +388,11 @@ def test_free_and_premium_keys_cost_nothing(page, server):
     assert page.inner_text("#result-cost") == "0$ (2 of your free monthly images)"
     page.wait_for_function(
         "document.querySelector('#account').textContent.includes('3 of 5 free images left')"
+    )
+    page.fill("#samples", "4")
+    assert page.inner_text("#cost-estimate") == (
+        "This request needs 4 images, but only 3 of your free images are left this month:"
+        " it will be refused."
     )
 
     premium = server.create_key("browser-premium", Plan.PREMIUM)

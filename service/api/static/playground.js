@@ -15,6 +15,12 @@ const FIELD_NAMES = [
   "width", "seed", "vae", "upscale",
 ];
 const NUMERIC_FIELDS = new Set(["width", "height", "samples", "num_inference_steps", "guidance_scale"]);
+// How often a send is tried while the server is unreachable, busy (429) or briefly down (5xx).
+const SEND_ATTEMPTS = 3;
+// Fetches in a row that may fail that way while a job runs, before the page says so.
+const FETCH_FAILURES_ALLOWED = 30;
+// The page waits this long on a job (or ten of its ETAs), then hands it back with "Check again".
+const WAIT_LIMIT_S = 600;
 
 const state = {
   config: null,
@@ -23,6 +29,7 @@ const state = {
   account: null,
   lastSizeDefaults: null,
   lastStepsDefault: null,
+  pending: null, // a job the page stopped waiting for: { job, key }
 };
 
 const $ = (id) => document.getElementById(id);
@@ -41,22 +48,47 @@ function formatUsd(micros) {
 
 // ---- HTTP -------------------------------------------------------------------------------
 
-async function postJSON(path, body) {
+// The answer's JSON, with its HTTP status as a non-enumerable `httpStatus` (absent when the
+// server did not answer at all).
+async function postJSON(path, body, headers = {}) {
   let response;
   try {
     response = await fetch(path, {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...headers },
       body: JSON.stringify(body),
     });
   } catch (err) {
     return { status: "error", message: `The server did not answer (${err.message})` };
   }
+  let answer;
   try {
-    return await response.json();
+    answer = await response.json();
   } catch {
-    return { status: "error", message: `HTTP ${response.status} ${response.statusText}` };
+    answer = { status: "error", message: `HTTP ${response.status} ${response.statusText}` };
   }
+  if (answer && typeof answer === "object") {
+    Object.defineProperty(answer, "httpStatus", { value: response.status });
+  }
+  return answer;
+}
+
+// Worth asking again: no answer, too busy (429) or briefly down (5xx, e.g. its database).
+// Any other error is the request's own and final.
+function isTransient(answer) {
+  return answer.status === "error"
+    && (answer.httpStatus === undefined || answer.httpStatus === 429 || answer.httpStatus >= 500);
+}
+
+function retryDelayMs(answer, fallbackMs) {
+  const seconds = Number(answer.retry_after);
+  return Number.isFinite(seconds) && seconds > 0 ? Math.min(seconds, 30) * 1000 : fallbackMs;
+}
+
+// crypto.randomUUID needs a secure context; a playground on plain http inside a cluster has none.
+function newIdempotencyKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return `playground-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -256,17 +288,23 @@ function onModelChange() {
 
 // ---- the key and its plan ---------------------------------------------------------------
 
+// Only a key the server accepted is kept, and only when "Remember" is ticked.
+function rememberKey() {
+  const key = fieldValue("key");
+  if ($("remember-key").checked && key && state.account) localStorage.setItem(KEY_STORAGE, key);
+  else if (!$("remember-key").checked || !key) localStorage.removeItem(KEY_STORAGE);
+}
+
 async function refreshKey() {
   const key = fieldValue("key");
   clearFieldError("key");
   if (!key) {
-    localStorage.removeItem(KEY_STORAGE);
     state.account = null;
-    $("account").textContent = "Remembered in this browser only.";
+    $("account").textContent = "";
+    rememberKey();
     renderCostLines();
     return;
   }
-  localStorage.setItem(KEY_STORAGE, key);
   const [account, models] = await Promise.all([
     postJSON("/playground/account", { key }),
     postJSON("/api/v4/dreambooth/model_list", { key }),
@@ -276,9 +314,13 @@ async function refreshKey() {
     state.account = null;
     $("account").textContent = "";
     showFieldError("key", account.message || "Invalid API key");
+    if (!isTransient(account) && localStorage.getItem(KEY_STORAGE) === key) {
+      localStorage.removeItem(KEY_STORAGE); // revoked since it was remembered
+    }
   } else {
     state.account = account;
     $("account").textContent = describeAccount(account);
+    rememberKey();
   }
   if (Array.isArray(models)) applyModels(models, state.config && state.config.default_model_id);
   renderCostLines();
@@ -316,9 +358,15 @@ function renderCostLines() {
   if (!account) {
     estimate.textContent = "";
   } else if (account.plan === "pay_per_use") {
-    estimate.textContent = `This request: ${n} × ${formatUsd(unit)} = ${formatUsd(unit * n)} from your balance.`;
+    const cost = `This request: ${n} × ${formatUsd(unit)} = ${formatUsd(unit * n)}`;
+    estimate.textContent = unit * n > toMicros(account.balance_usd)
+      ? `${cost}, more than your balance: it will be refused.`
+      : `${cost} from your balance.`;
   } else if (account.plan === "free") {
-    estimate.textContent = `This request uses ${n} of your ${account.free_images_left} free images left this month (0$).`;
+    const left = account.free_images_left;
+    estimate.textContent = n > left
+      ? `This request needs ${n} images, but only ${left} of your free images are left this month: it will be refused.`
+      : `This request uses ${n} of your ${left} free images left this month (0$).`;
   } else {
     estimate.textContent = "Premium plan: this request costs 0$.";
   }
@@ -454,16 +502,74 @@ function showResult(job) {
   const size = `${meta.width * factor}×${meta.height * factor}`;
   $("result-size").textContent = `${size}${factor > 1 ? ` (${factor}× upscaled)` : ""}, ${job.output.length} image${job.output.length === 1 ? "" : "s"}`;
   $("result-cost").textContent = callCost(job.output.length, meta.model_id);
+  // Options the server could not honour for this request are said, never silently dropped.
+  const notApplied = Array.isArray(meta.not_applied) ? meta.not_applied : [];
+  $("result-not-applied").textContent = notApplied.join("; ");
+  $("result-not-applied-row").hidden = notApplied.length === 0;
   $("result").hidden = false;
+}
+
+// A number box holding what is no number reads as "" and would silently send the default.
+function badNumbers() {
+  return [...document.querySelectorAll("#playground-form input[type=number]")]
+    .filter((input) => input.validity.badInput && !input.closest("[hidden]"))
+    .map((input) => `${input.name} must be a number`);
+}
+
+// One Idempotency-Key per click: a send retried after a lost answer never makes (or charges
+// for) a second job.
+async function send(body) {
+  const headers = { "Idempotency-Key": newIdempotencyKey() };
+  for (let attempt = 1; ; attempt += 1) {
+    const answer = await postJSON(TEXT2IMG_PATH, body, headers);
+    if (!isTransient(answer) || attempt >= SEND_ATTEMPTS) return answer;
+    setStatus("processing", `Sending again (${answer.message})…`);
+    await sleep(retryDelayMs(answer, 1000 * attempt));
+  }
+}
+
+// Polls this server's own fetch route (`fetch_result` carries the configured public URL, which
+// a browser on another address may not reach) until the job ends, the page's patience runs
+// out, or the server stays unreachable; then `job` is still "processing" and `why` says why.
+async function waitFor(job, key, elapsed) {
+  const waited = performance.now();
+  const patienceS = Math.max(WAIT_LIMIT_S, 10 * (Number(job.eta) || 0));
+  let failures = 0;
+  while (job.status === "processing") {
+    const seconds = (performance.now() - waited) / 1000;
+    if (seconds > patienceS) {
+      return { job, why: `Job ${job.id} is still processing after ${Math.round(seconds)} s.` };
+    }
+    setStatus("processing", `Processing… ${elapsed()} s`);
+    await sleep(seconds < 10 ? 400 : 1500);
+    const next = await postJSON(`/api/v6/images/fetch/${job.id}`, { key });
+    if (isTransient(next)) {
+      failures += 1;
+      if (failures >= FETCH_FAILURES_ALLOWED) {
+        return { job, why: `Job ${job.id} could not be checked: ${next.message}.` };
+      }
+      await sleep(retryDelayMs(next, 0));
+      continue;
+    }
+    failures = 0;
+    job = next;
+  }
+  return { job, why: null };
 }
 
 async function generate(event) {
   event.preventDefault();
   clearErrors();
+  $("pending").hidden = true;
   const key = fieldValue("key");
   if (!key) {
     showFieldError("key", "key is required: paste your API key");
     $("key").focus();
+    return;
+  }
+  const bad = badNumbers();
+  if (bad.length > 0) {
+    showApiError(bad.join("; "));
     return;
   }
   const button = $("generate");
@@ -473,46 +579,55 @@ async function generate(event) {
   const elapsed = () => ((performance.now() - started) / 1000).toFixed(1);
   try {
     setStatus("processing", "Sending…");
-    localStorage.setItem(KEY_STORAGE, key);
-    let job = await postJSON(TEXT2IMG_PATH, { key, ...requestBody(), instant_response: "yes" });
-    let unanswered = 0;
+    const job = await send({ key, ...requestBody(), instant_response: "yes" });
     if (job.status === "processing") {
       const meta = job.meta || {};
       showPlaceholders(job.future_links.length, meta.width || 1, meta.height || 1);
     }
-    while (job.status === "processing") {
-      setStatus("processing", `Processing… ${elapsed()} s`);
-      const seconds = (performance.now() - started) / 1000;
-      await sleep(seconds < 10 ? 400 : 1500);
-      // This server's own fetch route: `fetch_result` carries the configured public URL,
-      // which a browser on another address may not reach.
-      const next = await postJSON(`/api/v6/images/fetch/${job.id}`, { key });
-      const transient = next.status === "error" && /not answer|HTTP 5/.test(next.message);
-      if (transient && unanswered < 30) {
-        unanswered += 1;
-        continue;
-      }
-      unanswered = 0;
-      job = next;
-    }
-    if (job.status === "success") {
-      const meta = job.meta || {};
-      const factor = Number(meta.upscale) || 1;  // "no" or the factor
-      showImages(job.output, meta.width * factor, meta.height * factor, meta.nsfw_flags || []);
-      showResult(job);
-      setStatus("success", `Done in ${elapsed()} s`);
-      refreshKey();
-    } else if (job.status === "failed") {
-      $("gallery").replaceChildren();
-      setStatus("failed", "Failed");
-      $("form-error").textContent = job.message;
-    } else {
-      setStatus("error", "Error");
-      $("gallery").replaceChildren(emptyNote("Nothing was generated."));
-      showApiError(job.message || "Unexpected answer from the server");
-    }
+    await settle(job, key, elapsed);
   } finally {
     button.disabled = false;
+  }
+}
+
+// "Check again" on a job the page stopped waiting for.
+async function checkAgain() {
+  const { job, key } = state.pending;
+  $("pending").hidden = true;
+  $("generate").disabled = true;
+  const started = performance.now();
+  try {
+    await settle(job, key, () => ((performance.now() - started) / 1000).toFixed(1));
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
+async function settle(first, key, elapsed) {
+  const { job, why } = first.status === "processing" ? await waitFor(first, key, elapsed)
+    : { job: first, why: null };
+  if (job.status === "success") {
+    const meta = job.meta || {};
+    const factor = Number(meta.upscale) || 1;  // "no" or the factor
+    showImages(job.output, meta.width * factor, meta.height * factor, meta.nsfw_flags || []);
+    showResult(job);
+    setStatus("success", `Done in ${elapsed()} s`);
+    refreshKey();
+  } else if (job.status === "processing") {
+    // The job exists and may still finish: never "nothing was generated", never a second job.
+    state.pending = { job, key };
+    setStatus("processing", "Still processing");
+    $("pending-text").textContent = `${why} It may still finish: check again to see its `
+      + "images; generating again would make (and charge for) a second job.";
+    $("pending").hidden = false;
+  } else if (job.status === "failed") {
+    $("gallery").replaceChildren();
+    setStatus("failed", "Failed");
+    $("form-error").textContent = job.message;
+  } else {
+    setStatus("error", "Error");
+    $("gallery").replaceChildren(emptyNote("Nothing was generated."));
+    showApiError(job.message || "Unexpected answer from the server");
   }
 }
 
@@ -688,6 +803,8 @@ async function start() {
   $("model_id").addEventListener("change", onModelChange);
   $("lora_model").addEventListener("change", onLoraChange);
   $("key").addEventListener("change", refreshKey);
+  $("remember-key").addEventListener("change", rememberKey);
+  $("check-again").addEventListener("click", checkAgain);
   $("toggle-key").addEventListener("click", () => {
     const input = $("key");
     const show = input.type === "password";
@@ -704,6 +821,7 @@ async function start() {
   $("copy-code").addEventListener("click", copyCode);
 
   $("key").value = localStorage.getItem(KEY_STORAGE) || "";
+  $("remember-key").checked = $("key").value !== "";
   const response = await fetch("/playground/config");
   applyConfig(await response.json());
   renderCode();
