@@ -55,12 +55,15 @@ ENV DEBIAN_FRONTEND=noninteractive \
     RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1
 
 # bash, wget and grep: KubeRay runs `ray start` under `/bin/bash -lc` and its Serve readiness
-# probe on workers is `bash -c "wget ... /-/healthz | grep success"`. Ubuntu's archive moves
-# patch versions, so they are not pinned (the base image tag is).
+# probe on workers is `bash -c "wget ... /-/healthz | grep success"`. gcc and libc6-dev: Triton
+# (the GroupNorm+SiLU kernel, Inductor's kernels) builds its small CUDA launcher modules with a
+# C compiler on first use, and a CUDA runtime image has none. Ubuntu's archive moves patch
+# versions, so they are not pinned (the base image tag is).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends bash ca-certificates grep tini wget \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get install -y --no-install-recommends bash ca-certificates gcc grep libc6-dev tini wget \
+    && rm -rf /var/lib/apt/lists/* \
+    && gcc --version
 
 # The `ray` user (uid 1000, gid 100) of Ray's own images; Ubuntu's `ubuntu` user holds uid 1000.
 RUN (userdel --remove ubuntu 2>/dev/null || true) \

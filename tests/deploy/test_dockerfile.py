@@ -130,6 +130,9 @@ def test_has_what_kuberay_runs_in_the_container():
     apt = " ".join(v for n, v, _ in instructions() if n == "RUN" and "apt-get install" in v)
     packages = set(shlex.split(apt.split("apt-get install", 1)[1].split("&&")[0]))
     assert {"bash", "wget", "grep", "ca-certificates"} <= packages
+    # Triton compiles its CUDA launcher modules with a C compiler at run time; without one the
+    # generator's warm-up fails on every GPU ("Failed to find C compiler").
+    assert {"gcc", "libc6-dev"} <= packages
     # A login shell must still find the venv's `ray` first.
     assert "/etc/profile.d/" in runs() and "/opt/venv/bin" in runs()
     env = {}
