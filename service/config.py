@@ -427,10 +427,15 @@ def load_settings(**overrides) -> Settings:
     return Settings(**overrides)
 
 
+def known_variables() -> frozenset[str]:
+    """Every SDSERVE_* name something reads: the settings and NOT_SETTINGS."""
+    return frozenset(f"SDSERVE_{name.upper()}" for name in Settings.model_fields) | NOT_SETTINGS
+
+
 def _warn_of_unknown_variables(environ) -> None:
     """pydantic-settings ignores an SDSERVE_* name that is no setting: a typo (SDSERVE_MODEL)
     would silently serve the defaults. Said once per process and name."""
-    known = {f"SDSERVE_{name.upper()}" for name in Settings.model_fields} | NOT_SETTINGS
+    known = known_variables()
     for name in sorted(environ):
         if not name.startswith("SDSERVE_") or name in known or name in _warned:
             continue

@@ -3,7 +3,12 @@ must fail with a message saying what to change."""
 
 from __future__ import annotations
 
+import http.server
 import json
+import os
+import subprocess
+import sys
+import threading
 import tomllib
 
 import jsonschema
@@ -180,6 +185,66 @@ def test_helm_test_pod_posts_a_text2img_request(rendered):
     assert env["SDSERVE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "admin-key"
 
 
+def test_helm_test_script_passes_against_a_server_whose_images_are_on_a_cdn(rendered):
+    """The script, run against a stand-in server: it polls a processing job, then fetches the
+    image through the serve Service even when the output URL is a CDN's."""
+    (container,) = one(rendered["helm:cpu-smoke-values.yaml"], "Pod")["spec"]["containers"]
+    png = b"\x89PNG\r\n\x1a\n" + b"0" * 32
+    seen = []
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body))
+            done = self.path.startswith("/api/v6/images/fetch/")
+            answer = (
+                {"status": "success", "output": ["https://cdn.example.com/outputs/ab-0.png"]}
+                if done
+                else {"status": "processing", "id": 7}
+            )
+            self._send(json.dumps(answer).encode(), "application/json")
+
+        def do_GET(self):
+            seen.append((self.path, None))
+            if self.path == "/images/ab-0.png":
+                self._send(png, "image/png")
+            else:
+                self.send_error(404)
+
+        def _send(self, data, content_type):
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {e["name"]: e.get("value", "") for e in container["env"]}
+    env |= {"SDSERVE_URL": f"http://127.0.0.1:{server.server_port}", "SDSERVE_ADMIN_KEY": "k"}
+    try:
+        # the script sleeps 5 s between polls: one poll here
+        result = subprocess.run(
+            [sys.executable, "-c", container["args"][0]],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    assert "ok: 40 bytes of PNG from https://cdn.example.com/outputs/ab-0.png" in result.stdout
+    assert [path for path, _ in seen] == [
+        "/api/v6/images/text2img",
+        "/api/v6/images/fetch/7",
+        "/images/ab-0.png",
+    ]
+
+
 @pytest.mark.parametrize(
     ("release", "expected"),
     [
@@ -211,6 +276,37 @@ BAD_VALUES = {
         "no worker could host a generator replica",
     ),
     "fullnameOverride too long": (sets("fullnameOverride=" + "f" * 48), "/fullnameOverride"),
+    "more generator replicas than workers host": (
+        sets(
+            "workers.gpus=1",
+            "workers.maxReplicas=2",
+            "autoscaler.enabled=true",
+            "serve.args.generator_num_gpus=1",
+            "serve.args.generator_replicas=3",
+        ),
+        "3 generator replicas asked for (serve.args), but the workers host at most 2",
+    ),
+    "replicas past the workers, the autoscaler off": (
+        sets(
+            "workers.gpus=1",
+            "autoscaler.enabled=false",
+            "serve.args.generator_num_gpus=1",
+            "serve.args.generator_replicas=2",
+        ),
+        "the autoscaler being off",
+    ),
+    "baked models looked for on the volume path": (
+        sets("models.source=image"),
+        "set models.mountPath to it",
+    ),
+    "compile cache on no claim": (
+        sets("workers.compileCache.type=pvc"),
+        "workers.compileCache.existingClaim is empty",
+    ),
+    "compile cache on the read-only models": (
+        sets("workers.compileCache.mountPath=/models/cache"),
+        "compileCache.mountPath lies in models.mountPath",
+    ),
 }
 
 
@@ -220,6 +316,26 @@ def test_bad_values_fail_with_a_clear_message(helm, case):
     result = helm("template", "sdserve", CHART, "-f", SMOKE, *args)
     assert result.returncode != 0, f"{case}: rendered anyway"
     assert message in result.stderr, result.stderr
+
+
+def test_compile_cache_can_be_a_shared_claim_or_nothing(render):
+    def worker(*args):
+        (group,) = one(render("-f", SMOKE, *args), "RayService")["spec"]["rayClusterConfig"][
+            "workerGroupSpecs"
+        ]
+        spec = group["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        return env, spec["containers"][0]["volumeMounts"], spec["volumes"]
+
+    env, mounts, volumes = worker(
+        *sets("workers.compileCache.type=pvc", "workers.compileCache.existingClaim=cc")
+    )
+    (volume,) = [v for v in volumes if v["name"] == "compile-cache"]
+    assert volume["persistentVolumeClaim"] == {"claimName": "cc"}
+    assert env["SDSERVE_COMPILE_CACHE_DIR"] == "/home/ray/compile-cache"
+    env, mounts, volumes = worker(*sets("workers.compileCache.type=none"))
+    assert "SDSERVE_COMPILE_CACHE_DIR" not in env
+    assert "compile-cache" not in {m["name"] for m in mounts} | {v["name"] for v in volumes}
 
 
 def test_required_values_are_named(helm):

@@ -197,12 +197,15 @@ def env_of(container: dict) -> dict[str, dict]:
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_settings_reach_every_ray_container_and_parse(manifests, source, monkeypatch):
-    from service.config import load_settings
+    from service.config import known_variables, load_settings
 
     secret_names = set()
     for group, _, container in ray_containers(rayservice(manifests, source)):
         env = env_of(container)
         assert set(env) >= SETTINGS_ENV, f"{group} lacks {SETTINGS_ENV - set(env)}"
+        # a misspelt name would only be warned of, and its setting silently left at the default
+        unknown = {n for n in env if n.startswith("SDSERVE_")} - known_variables()
+        assert not unknown, f"{group}: {sorted(unknown)} are no sdserve settings"
         assert env["SDSERVE_DEMO_KEY"]["value"] == "", f"{group}: no demo key in a deployment"
         for name in FROM_SECRET & set(env):
             secret_names.add(env[name]["valueFrom"]["secretKeyRef"]["name"])
@@ -260,6 +263,21 @@ def test_model_folders_are_mounted_read_only_where_replicas_run(manifests, sourc
                 (init,) = spec["initContainers"]
                 script = " ".join(init["command"] + init["args"])
                 assert f'sdserve tiny-model "{folder}"' in script
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_the_compile_cache_is_a_writable_volume_where_the_generator_runs(manifests, source):
+    """Without it every replica start compiles afresh (75.6 s instead of 31.5 s on an H200)."""
+    (workers,) = rayservice(manifests, source)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    spec = workers["template"]["spec"]
+    (container,) = spec["containers"]
+    directory = env_of(container)["SDSERVE_COMPILE_CACHE_DIR"]["value"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == directory]
+    assert not mount.get("readOnly"), "the generator writes its compiled kernels there"
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume or "persistentVolumeClaim" in volume
+    assert not volume.get("persistentVolumeClaim", {}).get("readOnly")
+    assert volume.get("emptyDir", {}).get("medium") != "Memory", "a cache of GiBs, not in RAM"
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -331,7 +349,10 @@ def test_k8s_secret_holds_every_key_the_rayservice_reads(kustomized):
             ref = entry.get("valueFrom", {}).get("secretKeyRef")
             if ref:
                 assert ref["name"] == secret["metadata"]["name"]
-                assert ref["key"] in secret["stringData"], ref
+                # an optional key (the webhook secret) is left for the operator to add
+                assert ref.get("optional") or ref["key"] in secret["stringData"], ref
+    # no placeholder may sign webhooks on an unedited apply
+    assert "webhook-secret" not in secret["stringData"]
 
 
 def test_k8s_and_the_chart_give_the_same_settings(manifests):

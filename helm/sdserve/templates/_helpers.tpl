@@ -174,6 +174,29 @@ Checks of values that the schema cannot express; each fails with what to change.
 {{- fail "serve.args.generator_autoscaling: min_replicas is above max_replicas." }}
 {{- end }}
 {{- end }}
+{{- /* Generator replicas the workers can ever host; more would stay pending for good. */}}
+{{- if gt $perReplica 0.0 }}
+{{- $workers := ternary .Values.workers.maxReplicas .Values.workers.replicas .Values.autoscaler.enabled | int }}
+{{- $hosted := mul $workers (floor (divf $gpus $perReplica) | int) }}
+{{- $wanted := int (default 1 $args.generator_replicas) }}
+{{- with $args.generator_autoscaling }}
+{{- $wanted = int (default 1 .max_replicas) }}
+{{- end }}
+{{- if lt $hosted $wanted }}
+{{- fail (printf "%d generator replicas asked for (serve.args), but the workers host at most %d (%s %d x floor(workers.gpus / generator_num_gpus)): raise them or lower the replicas." $wanted $hosted (ternary "workers.maxReplicas" "workers.replicas, the autoscaler being off," .Values.autoscaler.enabled) $workers) }}
+{{- end }}
+{{- end }}
+{{- if and (eq .Values.models.source "image") (ne (trimSuffix "/" .Values.models.mountPath) "/home/ray/models") }}
+{{- fail "models.source is \"image\": the Dockerfile bakes the folders into /home/ray/models; set models.mountPath to it." }}
+{{- end }}
+{{- with .Values.workers.compileCache }}
+{{- if and (eq .type "pvc") (not .existingClaim) }}
+{{- fail "workers.compileCache.type is \"pvc\" but workers.compileCache.existingClaim is empty: name a ReadWriteMany claim, or use type emptyDir." }}
+{{- end }}
+{{- if and (ne .type "none") (hasPrefix (printf "%s/" (trimSuffix "/" $.Values.models.mountPath)) (printf "%s/" (trimSuffix "/" .mountPath))) }}
+{{- fail "workers.compileCache.mountPath lies in models.mountPath, which is mounted read-only: choose another folder." }}
+{{- end }}
+{{- end }}
 {{- if and (eq .Values.models.source "pvc") (not .Values.models.existingClaim) }}
 {{- fail "models.source is \"pvc\" but models.existingClaim is empty: name the PersistentVolumeClaim holding the weights." }}
 {{- end }}
