@@ -24,6 +24,7 @@ KNOWN_KEYS = {
     "p95_ms",
     "webhook_delivery_ratio_min",
     "every_accepted_job_finishes",
+    "jobs_failed_max",
     "ledger_matches_deliveries",
     "step_load",
 }
@@ -53,8 +54,12 @@ def load_slo(path: str | Path = DEFAULT_SLO) -> dict[str, Any]:
     return slo
 
 
-def traffic_checks(endpoints: dict[str, dict], slo: dict[str, Any]) -> list[Check]:
-    """Failure ratio and p95 per endpoint: the thresholds a step of a step-load run is held to."""
+def traffic_checks(
+    endpoints: dict[str, dict], slo: dict[str, Any], *, unmeasured_fails: bool = False
+) -> list[Check]:
+    """Failure ratio and p95 per endpoint: the thresholds a step of a step-load run is held to.
+    An endpoint without requests is skipped in a step; over a whole run (`unmeasured_fails`)
+    it fails, since every user class sends its requests in every run."""
     checks = []
     requests = sum(e["requests"] for e in endpoints.values())
     failures = sum(e["failures"] for e in endpoints.values())
@@ -64,7 +69,7 @@ def traffic_checks(endpoints: dict[str, dict], slo: dict[str, Any]) -> list[Chec
         checks.append(
             Check(
                 "failure_ratio_max",
-                ratio <= limit if requests else None,
+                ratio <= limit if requests else (False if unmeasured_fails else None),
                 round(ratio, 5),
                 limit,
                 f"{failures} of {requests} requests",
@@ -73,7 +78,8 @@ def traffic_checks(endpoints: dict[str, dict], slo: dict[str, Any]) -> list[Chec
     for name, limit in (slo.get("p95_ms") or {}).items():
         entry = endpoints.get(name)
         if not entry or not entry["requests"]:
-            checks.append(Check(f"p95_ms[{name}]", None, None, limit, "no requests"))
+            verdict = False if unmeasured_fails else None
+            checks.append(Check(f"p95_ms[{name}]", verdict, None, limit, "no requests"))
             continue
         p95 = entry["p95_ms"]
         checks.append(Check(f"p95_ms[{name}]", p95 <= float(limit), p95, limit))
@@ -81,21 +87,35 @@ def traffic_checks(endpoints: dict[str, dict], slo: dict[str, Any]) -> list[Chec
 
 
 def evaluate(summary: dict[str, Any], slo: dict[str, Any]) -> list[Check]:
-    """Every threshold of `slo` against a whole run's summary."""
-    checks = traffic_checks(summary.get("endpoints") or {}, slo)
+    """Every threshold of `slo` against a whole run's summary. A run that measured nothing,
+    or whose load-test tasks raised, fails: it cannot show that the service kept the SLO."""
+    crashes = summary.get("task_errors") or []
+    checks = [
+        Check(
+            "load test tasks ran cleanly",
+            not crashes,
+            f"{sum(c['occurrences'] for c in crashes)} task errors",
+            "0 task errors",
+            "; ".join(f"{c['occurrences']}x {c['error']}" for c in crashes[:3]),
+        )
+    ]
+    checks += traffic_checks(summary.get("endpoints") or {}, slo, unmeasured_fails=True)
     if "webhook_delivery_ratio_min" in slo:
         hooks = summary.get("webhooks") or {}
         limit = float(slo["webhook_delivery_ratio_min"])
         expected = hooks.get("expected", 0)
         ratio = hooks.get("ratio")
+        unreadable = hooks.get("unreadable", 0)
         checks.append(
             Check(
                 "webhook_delivery_ratio_min",
-                ratio >= limit if expected else None,
+                bool(expected) and ratio >= limit and not unreadable,
                 ratio,
                 limit,
                 f"{hooks.get('delivered', 0)} of {expected} webhooks delivered"
-                + (f", {hooks['bad_payloads']} bad payloads" if hooks.get("bad_payloads") else ""),
+                + (f", {hooks['bad_payloads']} bad payloads" if hooks.get("bad_payloads") else "")
+                + (f", {unreadable} unreadable" if unreadable else "")
+                + ("" if expected else "; no webhook job was accepted"),
             )
         )
     if slo.get("every_accepted_job_finishes"):
@@ -104,12 +124,25 @@ def evaluate(summary: dict[str, Any], slo: dict[str, Any]) -> list[Check]:
         checks.append(
             Check(
                 "every_accepted_job_finishes",
-                unfinished == 0 if jobs.get("accepted") else None,
+                unfinished == 0 and bool(jobs.get("accepted")),
                 f"{unfinished} unfinished",
                 "0 unfinished",
                 f"{jobs.get('accepted', 0)} accepted, {jobs.get('success', 0)} success, "
                 f"{jobs.get('failed', 0)} failed"
                 + (f"; unfinished ids {jobs.get('unfinished_ids')}" if unfinished else ""),
+            )
+        )
+    if "jobs_failed_max" in slo:
+        jobs = summary.get("jobs") or {}
+        limit = int(slo["jobs_failed_max"])
+        failed = jobs.get("failed", 0)
+        checks.append(
+            Check(
+                "jobs_failed_max",
+                failed <= limit,
+                failed,
+                limit,
+                f"of {jobs.get('accepted', 0)} accepted jobs (refunded, still a failure)",
             )
         )
     if slo.get("ledger_matches_deliveries"):

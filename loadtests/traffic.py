@@ -9,6 +9,7 @@ check that each one finished and count the images delivered.
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
 import time
@@ -26,11 +27,35 @@ REQUEST_NAMES = {
     "image": "image download",
     "delivery": "webhook delivery",
     "job": "job end-to-end",
+    "limit": "burst limit",
 }
 """Names of the entries in locust's statistics (and the keys of the SLO's `p95_ms`)."""
 
 HTTP_METHODS = ("GET", "POST")
-"""Request types that are real HTTP calls; the rest (WEBHOOK, JOB) are measured events."""
+"""Request types that are real HTTP calls; the rest (WEBHOOK, JOB, CHECK) are measured events."""
+
+
+def percentile(sorted_times: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of ascending times: the smallest one at or above a `q` share of
+    them (None when there are none)."""
+    if not sorted_times:
+        return None
+    rank = max(1, math.ceil(q * len(sorted_times)))
+    return round(sorted_times[rank - 1], 1)
+
+
+def burst_problem(limit: int, accepted: int, limited: int) -> RuntimeError | None:
+    """A burst of twice a key's limit, sent at once, must meet the limiter both ways: some
+    accepted and some refused. (More than `limit` may be accepted when a job of the burst
+    ends before its last request arrives.)"""
+    if accepted + limited != 2 * limit:
+        return RuntimeError(f"{accepted + limited} answers to a burst of {2 * limit}")
+    if accepted == 0:
+        return RuntimeError(f"limit {limit}: the whole burst of {2 * limit} was refused")
+    if limited == 0:
+        return RuntimeError(f"limit {limit}: the whole burst of {2 * limit} was accepted")
+    return None
+
 
 PROMPTS = (
     "a lighthouse at dusk, oil painting",

@@ -15,9 +15,11 @@ from loadtests.traffic import (
     BAD_INPUTS,
     PROFILES,
     JobBook,
+    burst_problem,
     check_error_body,
     check_job_body,
     check_rate_limited,
+    percentile,
     poll_delays,
 )
 from loadtests.webhooks import Deliveries
@@ -29,7 +31,11 @@ def endpoint(requests=100, failures=0, p95=100.0):
 
 def passing_summary():
     return {
-        "endpoints": {"text2img sync": endpoint(p95=900), "fetch": endpoint(p95=40)},
+        "endpoints": {
+            "text2img sync": endpoint(p95=900),
+            "fetch": endpoint(p95=40),
+            "webhook delivery": endpoint(requests=10, p95=800),
+        },
         "webhooks": {"expected": 10, "delivered": 10, "ratio": 1.0, "bad_payloads": 0},
         "jobs": {"accepted": 50, "success": 50, "failed": 0, "unfinished": 0},
         "ledger": {"ledger_images": 60, "delivered_images": 60, "problems": []},
@@ -41,15 +47,59 @@ SLO = {
     "p95_ms": {"text2img sync": 1000, "fetch": 100, "webhook delivery": 5000},
     "webhook_delivery_ratio_min": 1.0,
     "every_accepted_job_finishes": True,
+    "jobs_failed_max": 0,
     "ledger_matches_deliveries": True,
 }
 
 
 def test_a_run_within_every_threshold_passes():
     checks = evaluate(passing_summary(), SLO)
-    assert [c.ok for c in checks if c.ok is not None] and all(c.ok is not False for c in checks)
-    # an endpoint without requests is skipped, not failed
-    assert [c.name for c in checks if c.ok is None] == ["p95_ms[webhook delivery]"]
+    assert checks and all(c.ok is True for c in checks), [c.line() for c in checks]
+
+
+@pytest.mark.parametrize(
+    "change, failed",
+    [
+        # nothing measured: every threshold that needs figures fails, none is skipped
+        (
+            lambda s: s.clear(),
+            [
+                "failure_ratio_max",
+                "p95_ms[text2img sync]",
+                "p95_ms[fetch]",
+                "p95_ms[webhook delivery]",
+                "webhook_delivery_ratio_min",
+                "every_accepted_job_finishes",
+            ],
+        ),
+        # a user class that vanished (its tasks raised, so locust reported no request)
+        (lambda s: s["endpoints"].pop("fetch"), ["p95_ms[fetch]"]),
+        (
+            lambda s: s.update(task_errors=[{"error": "KeyError('id')", "occurrences": 40}]),
+            ["load test tasks ran cleanly"],
+        ),
+        # every webhook submit failed, so none was expected
+        (
+            lambda s: s["webhooks"].update(expected=0, delivered=0, ratio=None),
+            ["webhook_delivery_ratio_min"],
+        ),
+        (lambda s: s["webhooks"].update(unreadable=1), ["webhook_delivery_ratio_min"]),
+        (lambda s: s["jobs"].update(success=0, failed=50), ["jobs_failed_max"]),
+    ],
+)
+def test_a_run_that_cannot_show_the_slo_fails(change, failed):
+    summary = passing_summary()
+    change(summary)
+    checks = evaluate(summary, SLO)
+    assert [c.name for c in checks if c.ok is False] == failed
+    # only the ledger may be unjudged: a remote run cannot read the database
+    assert all(c.ok is not None for c in checks if c.name != "ledger_matches_deliveries")
+
+
+def test_an_empty_summary_is_no_pass(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text("{}")
+    assert main([str(tmp_path / "summary.json")]) == 1
+    assert "SLO met" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -191,3 +241,26 @@ def test_durations():
     assert parse_duration("1h30m10s") == 5410
     with pytest.raises(ValueError):
         parse_duration("soon")
+
+
+def test_percentiles_are_of_the_raw_times():
+    # locust's own rounds 15490 ms to 15000, which would pass a 15000 ms threshold
+    assert percentile([15490.0] * 100, 0.95) == 15490.0
+    assert percentile([float(i) for i in range(1, 101)], 0.95) == 95.0
+    assert percentile([3.0], 0.99) == 3.0
+    assert percentile([], 0.95) is None
+
+
+@pytest.mark.parametrize(
+    "accepted, limited, problem",
+    [
+        (2, 2, None),
+        (3, 1, None),  # a job of the burst ended before its last request: fine
+        (0, 4, "was refused"),
+        (4, 0, "was accepted"),
+        (2, 1, "3 answers to a burst of 4"),
+    ],
+)
+def test_a_burst_must_meet_the_limiter_both_ways(accepted, limited, problem):
+    found = burst_problem(2, accepted, limited)
+    assert (found is None) if problem is None else (problem in str(found))

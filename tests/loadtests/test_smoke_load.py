@@ -135,3 +135,7 @@ def test_reports_and_service_figures(smoke):
     assert service["queue_wait_s"]["count"] > 0
     assert service["images_generated"] == summary["images"]["delivered"]
     assert all(check.ok is not False for check in evaluate(summary, SMOKE_SLO))
+    assert summary["task_errors"] == []
+    # every burst met the limiter both ways: some accepted, the rest refused with 429
+    limit = summary["endpoints"]["burst limit"]
+    assert limit["requests"] > 0 and limit["failures"] == 0
