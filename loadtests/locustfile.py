@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -53,7 +54,12 @@ from loadtests.traffic import (  # noqa: E402
     percentile,
     poll_delays,
 )
-from loadtests.webhooks import HOOK_PATH, Deliveries, WebhookReceiver  # noqa: E402
+from loadtests.webhooks import (  # noqa: E402
+    HOOK_PATH,
+    SECRET_VARIABLE,
+    Deliveries,
+    WebhookReceiver,
+)
 
 log = logging.getLogger("sdserve.loadtest")
 
@@ -171,7 +177,12 @@ def _init(environment, **_kwargs):
     # still has each of them; the rest are split 4:3 between sync and polling users.
     base_users = options.step_users if environment.shape_class else options.num_users
     WebhookUser.fixed_count = max(1, (base_users or 0) // 8)
-    STATE.receiver = WebhookReceiver(options.webhook_host, options.webhook_port, _on_webhook_body)
+    STATE.receiver = WebhookReceiver(
+        options.webhook_host,
+        options.webhook_port,
+        _on_webhook_body,
+        secret=os.environ.get(SECRET_VARIABLE) or None,
+    )
     port = STATE.receiver.start()
     own_host = "127.0.0.1" if options.webhook_host in ("", "0.0.0.0") else options.webhook_host
     STATE.webhook_url = options.webhook_url or f"http://{own_host}:{port}{HOOK_PATH}"
@@ -255,8 +266,8 @@ def _keep_environment(environment, **_kwargs):
 # ---- webhooks ---------------------------------------------------------------------------------
 
 
-def _on_webhook_body(payload: Any) -> None:
-    delivery = STATE.deliveries.record(payload)
+def _on_webhook_body(payload: Any, signed: bool | None = None) -> None:
+    delivery = STATE.deliveries.record(payload, signed)
     if delivery is None:
         return
     job = STATE.book.get(delivery.job_id)
@@ -635,7 +646,10 @@ def build_summary(environment, service: dict | None) -> dict[str, Any]:
             {"error": str(crash["msg"])[:300], "occurrences": crash["count"]} for crash in crashes
         ],
         "jobs": jobs,
-        "webhooks": STATE.deliveries.summary(webhook_jobs),
+        "webhooks": {
+            **STATE.deliveries.summary(webhook_jobs),
+            "signatures_checked": bool(STATE.receiver and STATE.receiver.secret),
+        },
         "service": service
         if service is not None
         else {"error": STATE.metrics_error or "no --metrics-url given"},

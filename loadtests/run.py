@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,7 @@ import yaml
 
 from loadtests.slo import DEFAULT_SLO, load_slo, report
 from loadtests.traffic import PROFILES, BurstKey, LoadKeys
+from loadtests.webhooks import SECRET_VARIABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "loadtests" / "reports"
@@ -120,6 +122,8 @@ def local_server(run_dir: Path, serve_config: Path, log_path: Path, webhook_host
         allowed.append(webhook_host)
     database_url = f"sqlite:///{run_dir / 'sdserve.db'}"
     settings["database_url"] = database_url
+    # webhooks are signed, and the receiver checks them (loadtests/webhooks.py)
+    settings.setdefault("webhook_secret", secrets.token_hex(32))
     settings["image_store_url"] = str(run_dir / "images")
     run_config = run_dir / "serve_config.yaml"
     run_config.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -258,9 +262,14 @@ def locust_command(
     return command
 
 
-def run_locust(command: list[str], out_dir: Path, timeout_s: float) -> dict[str, Any]:
-    """Run locust to its end (bounded) and return the summary it wrote."""
+def run_locust(
+    command: list[str], out_dir: Path, timeout_s: float, webhook_secret: str | None = None
+) -> dict[str, Any]:
+    """Run locust to its end (bounded) and return the summary it wrote. `webhook_secret`: the
+    service's, so the receiver verifies each webhook's signature."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if webhook_secret:
+        env[SECRET_VARIABLE] = webhook_secret
     with open(out_dir / "locust.out", "w") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -373,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         duration_s = steps * args.step_duration_s
     print(f"reports: {run_dir}")
 
-    def go(host, keys_file, metrics_urls, settle_s, database_url=None):
+    def go(host, keys_file, metrics_urls, settle_s, database_url=None, webhook_secret=None):
         command = locust_command(
             host,
             keys_file,
@@ -392,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"locust: {args.users if not step else 'step-load'} users on {host}...", flush=True)
         budget = run_budget_s(duration_s, args.drain_timeout_s, settle_s, 60)
-        summary = run_locust(command, run_dir, budget)
+        # a remote server's secret comes from the environment (SECRET_VARIABLE)
+        summary = run_locust(command, run_dir, budget, webhook_secret)
         if database_url:
             from loadtests.accounting import check_ledger
 
@@ -417,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             keys = create_keys(database_url, burst_limits(config))
             keys_file = run_dir / "keys.json"
             keys_file.write_text(json.dumps(keys.to_dict(), indent=2) + "\n")
-            summary = go(base_url, keys_file, [metrics_url], 2.0, database_url)
+            secret = config["applications"][0]["args"]["settings"]["webhook_secret"]
+            summary = go(base_url, keys_file, [metrics_url], 2.0, database_url, secret)
         if not args.keep_images:
             shutil.rmtree(run_dir / "images", ignore_errors=True)
 

@@ -4,6 +4,9 @@ The receiver is a gevent WSGI server inside the locust process (127.0.0.1 by def
 the service is told to call is configurable apart from where the receiver listens: when the
 service refuses loopback or private webhook targets, or runs on a cluster, point it at an
 address the service may reach (`--webhook-url`).
+
+With a secret (SDSERVE_LOADTEST_WEBHOOK_SECRET, the service's SDSERVE_WEBHOOK_SECRET; a local
+run sets both) every POST's X-Sdserve-Signature is verified, as a receiver in production would.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from service.api.webhooks import verify_signature
+
 HOOK_PATH = "/hook"
+SECRET_VARIABLE = "SDSERVE_LOADTEST_WEBHOOK_SECRET"
 
 
 @dataclass
@@ -36,8 +42,9 @@ class Deliveries:
         self._unreadable = 0
         self._lock = threading.Lock()
 
-    def record(self, payload: Any) -> Delivery | None:
-        """Store one POST body; None (and counted as unreadable) when it names no job."""
+    def record(self, payload: Any, signed: bool | None = None) -> Delivery | None:
+        """Store one POST body; None (and counted as unreadable) when it names no job.
+        `signed`: whether its signature verified (None: not checked)."""
         if not isinstance(payload, dict) or not isinstance(payload.get("id"), int):
             with self._lock:
                 self._unreadable += 1
@@ -53,7 +60,9 @@ class Deliveries:
                 track_id=payload.get("track_id"),
                 received_at=time.monotonic(),
             )
-            if delivery.status not in ("success", "failed"):
+            if signed is False:
+                delivery.problem = "missing or wrong X-Sdserve-Signature"
+            elif delivery.status not in ("success", "failed"):
                 delivery.problem = f"webhook status {delivery.status!r}"
             elif delivery.status == "success" and not payload.get("output"):
                 delivery.problem = "success webhook without output"
@@ -90,10 +99,17 @@ class Deliveries:
 class WebhookReceiver:
     """A WSGI server answering 200 to `POST /hook`; each body goes to `on_body`."""
 
-    def __init__(self, host: str, port: int, on_body: Callable[[Any], None]):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        on_body: Callable[[Any, bool | None], None],
+        secret: str | None = None,
+    ):
         self.host = host
         self.port = port
         self._on_body = on_body
+        self.secret = secret
         self._server = None
 
     def start(self) -> int:
@@ -114,11 +130,16 @@ class WebhookReceiver:
         if environ["REQUEST_METHOD"] != "POST" or environ["PATH_INFO"] != HOOK_PATH:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found"]
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        raw = environ["wsgi.input"].read(length)
         try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-            payload = json.loads(environ["wsgi.input"].read(length) or b"null")
+            payload = json.loads(raw or b"null")
         except ValueError:
             payload = None
-        self._on_body(payload)
+        signed = None
+        if self.secret:
+            header = environ.get("HTTP_X_SDSERVE_SIGNATURE", "")
+            signed = verify_signature(self.secret, header, raw)
+        self._on_body(payload, signed)
         start_response("200 OK", [("Content-Type", "application/json")])
         return [b'{"ok": true}']

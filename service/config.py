@@ -417,7 +417,9 @@ def _is_network(text: str) -> bool:
 
 
 # SDSERVE_* variables read by other programs than the service (locust, the chart's test pod).
-NOT_SETTINGS = frozenset({"SDSERVE_LOADTEST_KEYS", "SDSERVE_URL"})
+NOT_SETTINGS = frozenset(
+    {"SDSERVE_LOADTEST_KEYS", "SDSERVE_LOADTEST_WEBHOOK_SECRET", "SDSERVE_URL"}
+)
 _warned: set[str] = set()
 
 

@@ -22,7 +22,7 @@ from loadtests.traffic import (
     percentile,
     poll_delays,
 )
-from loadtests.webhooks import Deliveries
+from loadtests.webhooks import Deliveries, WebhookReceiver
 
 
 def endpoint(requests=100, failures=0, p95=100.0):
@@ -264,3 +264,35 @@ def test_percentiles_are_of_the_raw_times():
 def test_a_burst_must_meet_the_limiter_both_ways(accepted, limited, problem):
     found = burst_problem(2, accepted, limited)
     assert (found is None) if problem is None else (problem in str(found))
+
+
+def test_the_receiver_verifies_each_webhook_signature():
+    import io
+    import time
+
+    from service.api.webhooks import sign
+
+    received = []
+    receiver = WebhookReceiver("127.0.0.1", 0, lambda body, signed: received.append(signed))
+    receiver.secret = "s3cret"
+    body = json.dumps({"id": 1, "status": "success", "output": ["u"]}).encode()
+
+    def post(signature: str | None) -> None:
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": "/hook",
+            "CONTENT_LENGTH": str(len(body)),
+            "wsgi.input": io.BytesIO(body),
+        }
+        if signature is not None:
+            environ["HTTP_X_SDSERVE_SIGNATURE"] = signature
+        receiver._app(environ, lambda *_: None)
+
+    post(sign("s3cret", body, int(time.time())))
+    post(sign("another", body, int(time.time())))
+    post(None)
+    assert received == [True, False, False]
+    deliveries = Deliveries()
+    assert deliveries.record(json.loads(body), signed=False).problem == (
+        "missing or wrong X-Sdserve-Signature"
+    )

@@ -30,6 +30,7 @@ SETTINGS = {
     "demo_key": "",
     "webhook_timeout_s": 10,
     "webhook_allowed_hosts": ["127.0.0.1"],  # the load test's own receiver
+    "webhook_secret": "smoke-webhook-secret",  # the receiver verifies every signature
 }
 # What a smoke run can hold on any machine: correctness, not latency.
 SMOKE_SLO = {
@@ -65,7 +66,9 @@ def smoke(tmp_path_factory, tiny_model_dir):
             drain_timeout_s=30,
             stop_timeout_s=20,
         )
-        summary = run_locust(command, out, timeout_s=DURATION_S + 90)
+        summary = run_locust(
+            command, out, timeout_s=DURATION_S + 90, webhook_secret=SETTINGS["webhook_secret"]
+        )
         summary["ledger"] = check_ledger(settings["database_url"], summary["images"]["delivered"])
         engine = make_engine(settings["database_url"])
         audit = Ledger(make_sessionmaker(engine)).audit()
@@ -123,6 +126,7 @@ def test_every_webhook_was_delivered(smoke):
     assert hooks["expected"] > 0
     assert hooks["delivered"] == hooks["expected"]
     assert hooks["bad_payloads"] == 0
+    assert hooks["signatures_checked"] is True  # and each verified: no bad payload
 
 
 def test_reports_and_service_figures(smoke):
