@@ -142,7 +142,7 @@ def evaluate(summary: dict[str, Any], slo: dict[str, Any]) -> list[Check]:
                 failed <= limit,
                 failed,
                 limit,
-                f"of {jobs.get('accepted', 0)} accepted jobs (refunded, still a failure)",
+                f"{failed} of {jobs.get('accepted', 0)} accepted jobs ended failed (refunded)",
             )
         )
     if slo.get("ledger_matches_deliveries"):
