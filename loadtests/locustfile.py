@@ -275,10 +275,10 @@ def _on_webhook_body(payload: Any, signed: bool | None = None) -> None:
     problem = delivery.problem
     if job is None:
         problem = f"a webhook for job {delivery.job_id}, which this run did not submit"
-    elif delivery.status == "failed" and not problem:
-        problem = f"job failed: {payload.get('message')}"
     elif job.track_id != delivery.track_id:
         problem = f"track_id {delivery.track_id!r}, sent {job.track_id!r}"
+    elif delivery.status == "failed" and not problem:
+        problem = f"job failed: {payload.get('message')}"
     latency_ms = (delivery.received_at - job.accepted_at) * 1000 if job else 0.0
     events.request.fire(
         request_type="WEBHOOK",

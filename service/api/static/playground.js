@@ -93,6 +93,12 @@ function newIdempotencyKey() {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// Seconds since it was made, as "1.2".
+function stopwatch() {
+  const started = performance.now();
+  return () => ((performance.now() - started) / 1000).toFixed(1);
+}
+
 // ---- the form ---------------------------------------------------------------------------
 
 function selectedModel() {
@@ -575,8 +581,7 @@ async function generate(event) {
   const button = $("generate");
   button.disabled = true;
   $("result").hidden = true;
-  const started = performance.now();
-  const elapsed = () => ((performance.now() - started) / 1000).toFixed(1);
+  const elapsed = stopwatch();
   try {
     setStatus("processing", "Sending…");
     const job = await send({ key, ...requestBody(), instant_response: "yes" });
@@ -595,9 +600,8 @@ async function checkAgain() {
   const { job, key } = state.pending;
   $("pending").hidden = true;
   $("generate").disabled = true;
-  const started = performance.now();
   try {
-    await settle(job, key, () => ((performance.now() - started) / 1000).toFixed(1));
+    await settle(job, key, stopwatch());
   } finally {
     $("generate").disabled = false;
   }
