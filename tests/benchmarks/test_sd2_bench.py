@@ -361,3 +361,114 @@ def test_winners_run_together_as_soon_as_two_have_won(monkeypatch):
         ("a + b + d", True),
     ]
     assert order[-1][1] == {"channels_last": False, "fp8_linears": True, "inductor_tuning": True}
+
+
+def _judge():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sd2_bench import judge_check
+
+    return judge_check
+
+
+def _errors(latents, psnr, step=1e-3, finite=True):
+    return {
+        "finite": finite,
+        "latent_rel_err": latents,
+        "image_psnr_db": psnr,
+        "unet_step_rel_err": step,
+    }
+
+
+def test_a_drifting_stock_fp16_does_not_loosen_the_check():
+    """The H200 run's stock fp16 drifted to 1.115 / 13.8 dB; relative limits would have been
+    4.46 / 7.8 dB, passing an optimized path as far off as a wrong loop (1.4 / 12 dB)."""
+    judge_check = _judge()
+    stock = _errors(1.115, 13.8)
+    wrong = judge_check(
+        stock, _errors(1.4, 12.0, step=8e-3), {"latent_rel_err": 1e-2, "finite": True}
+    )
+    assert wrong["pass"] is False
+    assert wrong["thresholds"]["latent_rel_err_max"] == 5e-2
+    assert wrong["thresholds"]["image_psnr_db_min"] == 30.0
+    assert wrong["verdicts"]["latents"] is None and wrong["verdicts"]["images"] is None
+    assert len(wrong["not_judged"]) == 2 and "stock fp16 itself drifted" in wrong["not_judged"][0]
+
+    measured = judge_check(stock, _errors(9.97e-3, 47.98, step=8.1e-3))  # the H200 optimized
+    assert measured["pass"] is True and measured["not_judged"] == []
+
+
+def test_a_well_conditioned_run_judges_relative_to_stock_fp16():
+    judge_check = _judge()
+    stock = _errors(3e-2, 34.0)
+    out = judge_check(stock, _errors(0.1, 29.0))
+    assert out["thresholds"]["latent_rel_err_max"] == 4 * 3e-2
+    assert out["thresholds"]["image_psnr_db_min"] == 28.0
+    assert out["pass"] is True
+    assert judge_check(stock, _errors(0.13, 29.0))["verdicts"]["latents"] is False
+    assert judge_check(stock, _errors(0.1, 27.5))["pass"] is False
+
+
+def test_the_short_horizon_and_the_unet_step_always_gate():
+    judge_check = _judge()
+    stock, good = _errors(1e-3, 50.0), _errors(1e-3, 50.0)
+    assert judge_check(stock, good, {"latent_rel_err": 4e-2, "finite": True})["pass"] is True
+    off = judge_check(stock, good, {"latent_rel_err": 0.3, "finite": True})
+    assert off["pass"] is False and off["verdicts"]["short_horizon"] is False
+    assert judge_check(stock, good, {"latent_rel_err": 1e-3, "finite": False})["pass"] is False
+    assert judge_check(stock, _errors(1e-3, 50.0, step=3e-2))["verdicts"]["unet_step"] is False
+    assert judge_check(stock, _errors(1e-3, 50.0, finite=False))["pass"] is False
+    # no short-horizon figure (the run was that short): no verdict for it, not a False one
+    assert "short_horizon" not in judge_check(stock, good, {"latent_rel_err": None})["verdicts"]
+
+
+def test_the_warm_start_child_builds_the_engine_the_run_built(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sd2_bench
+
+    args = sd2_bench.parse_args(
+        ["--tiny", "--device", "cpu", "--fp8-linears", "--no-cuda-graphs", "--vae-batch-size", "4"]
+    )
+
+    class Run:
+        device, model_dir, cache_dir = args.device, tmp_path / "m", tmp_path / "c"
+
+    Run.args = args
+    child = sd2_bench.parse_args(sd2_bench.cold_start_child_args(Run)[1:] + ["--tiny"])
+    for name in ("fp8_linears", "cuda_graphs", "vae_batch_size", "compile", "dtype", "optimize"):
+        assert getattr(child, name) == getattr(args, name), name
+    assert child.model_dir == Run.model_dir and child.compile_cache_dir == Run.cache_dir
+    assert sd2_bench.cold_start_child_args(Run)[0] == "--cold-start-child"
+
+
+def test_a_check_longer_than_the_short_horizon_also_judges_it(tmp_path):
+    """The GPU suites check at 50 steps, so the 4-step comparison runs there: here on the tiny
+    model at 6 steps, fp32 both sides, it must agree to rounding."""
+    out = tmp_path / "check.json"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "sd2_bench.py"),
+        *("--tiny", "--device", "cpu", "--sections", "check", "--steps", "6", "--sizes", "64"),
+        *("--optimize", "on", "--no-compile", "--no-triton-kernels", "--out", str(out)),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check = json.loads(out.read_text())["check"]
+    assert check["short_horizon"]["steps"] == 4
+    assert check["short_horizon"]["latent_rel_err"] < 1e-4
+    assert check["verdicts"]["short_horizon"] is True and check["pass"] is True
+
+
+def test_the_exit_status_reports_a_failed_check_or_section():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from types import SimpleNamespace
+
+    from sd2_bench import Bench
+
+    def status(**result):
+        return Bench.exit_status(SimpleNamespace(result=result))
+
+    assert status(check={"pass": True}) == 0
+    assert status() == 0  # a run without the check section
+    assert status(check={"pass": False}) == 1
+    assert status(check={"pass": True}, errors={"matrix": "RuntimeError: out of memory"}) == 1
