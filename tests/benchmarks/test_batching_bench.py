@@ -66,3 +66,30 @@ def test_engine_target_runs_without_ray(tmp_path):
     assert {run["mode"] for run in result["runs"]} == {"request", "step"}
     assert all(run["failed"] == 0 and run["completed"] == 10 for run in result["runs"])
     assert result["ready_s"] is not None
+
+
+def test_open_loop_counts_only_delivered_images_as_throughput():
+    """A stand-in generate (this tests the stream's bookkeeping, not the engine): every other
+    request fails, so half the images were delivered."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from batching import open_loop
+
+    async def generate(params):
+        await asyncio.sleep(0.3)
+        if params.fail:
+            raise RuntimeError("replica died")
+        return SimpleNamespace(batch_size=params.samples)
+
+    requests = [SimpleNamespace(samples=4, fail=i % 2 == 1) for i in range(8)]
+    offsets = [0.0] * len(requests)
+    started = time.perf_counter()
+    result = asyncio.run(open_loop(generate, requests, offsets))
+    wall = time.perf_counter() - started  # at least the run's own clock, 0.05 s + 0.3 s
+    assert (result["completed"], result["failed"]) == (4, 4)
+    assert result["errors"] == ["RuntimeError: replica died"]
+    # 16 delivered images over the run; counting the failed requests' would read 32
+    assert 16 <= result["throughput_images_per_s"] * wall < 28
