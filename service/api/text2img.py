@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 GenerateFn = Callable[[GenerationParams], Awaitable[GenerationOutput]]
 
 MAX_JOB_ID = 2**63 - 1
+# Recording a generated job's end is tried again over a database blip (a dropped connection,
+# SQLite's "database is locked"): the images exist, and failing the job would discard them.
+SETTLE_ATTEMPTS = 4
+SETTLE_BACKOFF_S = 0.25
 KEY_CACHE_TTL_S = 5.0
 KEY_CACHE_SIZE = 10_000
 
@@ -239,11 +243,11 @@ class ImageService:
             except asyncio.CancelledError:
                 if not task.cancelled():
                     raise  # this request itself was cancelled (client gone)
-                body = await self.job_body(job.id, family)  # cancelled by clear_queue
+                body = await self._answer(job, family)  # cancelled by clear_queue
             except Exception:
-                body = await self.job_body(job.id, family)  # the job row says how it failed
+                body = await self._answer(job, family)  # the job row says how it failed
             else:
-                body = await self.job_body(job.id, family, task.result())
+                body = await self._answer(job, family, task.result())
         self.metrics.request_done(
             route, params.model_id, body["status"], time.perf_counter() - started
         )
@@ -253,12 +257,14 @@ class ImageService:
         task = asyncio.create_task(self._run(job, params, key))
         self._running[job.id] = task
         self.metrics.set_inflight(len(self._running))
-        task.add_done_callback(lambda _t, job_id=job.id: self._job_ended(job_id))
+        task.add_done_callback(lambda t, job_id=job.id: self._job_ended(job_id, t))
         return task
 
-    def _job_ended(self, job_id: int) -> None:
+    def _job_ended(self, job_id: int, task: asyncio.Task) -> None:
         self._running.pop(job_id, None)
         self.metrics.set_inflight(len(self._running))
+        if not task.cancelled():
+            task.exception()  # logged by _run; retrieved, so asyncio does not log it again
 
     def _meta(self, params: GenerationParams, options: dict, request_id: str, prefix: str) -> dict:
         return {
@@ -312,6 +318,11 @@ class ImageService:
             # a hand-over, which adds up at hundreds of requests a second
             settled = await asyncio.to_thread(self._deliver, job, output, started)
             ended_here = settled is not None
+        except EndNotRecorded:
+            # The job stays processing with its reservation; its heartbeat stops with this
+            # task, so the sweep takes it over once the database answers (same seed and names).
+            log.warning("job %s: generated, but its end could not be recorded", job.id)
+            raise
         except Exception as exc:
             log.exception("job %s failed", job.id)
             message = f"Image generation failed: {_short_reason(exc)}"
@@ -322,12 +333,12 @@ class ImageService:
             self.metrics.job_done(params.model_id, resolution, "failed", elapsed)
             raise
         else:
-            if settled:
+            if settled:  # None: ended elsewhere, and counted by whoever ended it
                 unit_price = self.prices.price_per_image(params.model_id)
                 charged = unit_price * params.samples if key.plan is Plan.PAY_PER_USE else 0
                 self.metrics.billed(params.model_id, key.plan.value, charged)
-            elapsed = time.perf_counter() - started
-            self.metrics.job_done(params.model_id, resolution, "success", elapsed)
+                elapsed = time.perf_counter() - started
+                self.metrics.job_done(params.model_id, resolution, "success", elapsed)
             return settled
         finally:
             if job.webhook and ended_here:
@@ -353,9 +364,7 @@ class ImageService:
         if "nsfw_flags" in output.extra:
             updates["nsfw_flags"] = output.extra["nsfw_flags"]
         elapsed = round(time.perf_counter() - started, 4)
-        finished = self.jobs.finish(
-            job.id, generation_time=elapsed, meta_updates=updates, owner=self.owner
-        )
+        finished = self._finish(job, elapsed, updates)
         if finished is None:
             # Failed and refunded meanwhile (clear_queue, or a take-over that gave up): what
             # was not charged must not be served at the links the client already holds. A job
@@ -364,6 +373,42 @@ class ImageService:
             if current is None or current.status is JobStatus.FAILED:
                 self._withdraw(job)
         return finished
+
+    def _finish(self, job: JobRecord, elapsed: float, updates: dict) -> JobRecord | None:
+        """`jobs.finish`, tried again while the database errs; EndNotRecorded if it still does.
+
+        A commit can succeed and still raise (the connection dropped before its answer): then
+        the next try finds the job ended, by this replica, as a success, and that is this end.
+        """
+        delay = SETTLE_BACKOFF_S
+        for attempt in range(1, SETTLE_ATTEMPTS + 1):
+            try:
+                finished = self.jobs.finish(
+                    job.id, generation_time=elapsed, meta_updates=updates, owner=self.owner
+                )
+            except OperationalError as exc:
+                log.warning(
+                    "job %s: recording its end failed (attempt %d of %d): %s",
+                    job.id,
+                    attempt,
+                    SETTLE_ATTEMPTS,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+                if attempt == SETTLE_ATTEMPTS:
+                    raise EndNotRecorded(job.id) from exc
+                time.sleep(delay)
+                delay *= 2
+                continue
+            if finished is None and attempt > 1:
+                current = self.jobs.get(job.id)
+                if (
+                    current is not None
+                    and current.status is JobStatus.SUCCESS
+                    and current.owner == self.owner
+                ):
+                    return current
+            return finished
+        raise AssertionError("unreachable")
 
     def _withdraw(self, job: JobRecord) -> None:
         """Remove the images of a job that ended failed; a store error is logged, not raised
@@ -422,6 +467,20 @@ class ImageService:
                 "track_id": job.track_id,
             }
         return self._processing_body(job, family, "Request is processing")
+
+    async def _answer(self, job: JobRecord, family: str, ended: JobRecord | None = None) -> dict:
+        """The answer to a request that waited for its job. The job row exists, so when the
+        database cannot say how it ended the client still gets its id and fetch link: the job
+        is finished (and charged once) when the database is back, and fetching tells."""
+        try:
+            return await self.job_body(job.id, family, ended)
+        except OperationalError:
+            return self._processing_body(
+                job,
+                family,
+                "Request is processing; the database is briefly unreachable: "
+                "fetch the result later",
+            )
 
     def _processing_body(self, job: JobRecord, family: str, message: str) -> dict:
         return {
@@ -558,7 +617,10 @@ class ImageService:
             self._start(job, GenerationParams.from_dict(job.params), key)
         for job_id in failed:
             job = await asyncio.to_thread(self.jobs.get, job_id)
-            if job is not None and job.webhook:
+            if job is None:
+                continue
+            await asyncio.to_thread(self._withdraw, job)  # what a dead attempt wrote
+            if job.webhook:
                 self._notify(job.id)
         return [job.id for job in claimed], failed
 
@@ -586,6 +648,13 @@ class ImageService:
         pending = list(self._running.values()) + list(self._webhooks)
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+class EndNotRecorded(Exception):
+    """A job generated and stored, whose end the database could not record."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"job {job_id}: the database could not record its end")
 
 
 def current_request_id() -> str | None:

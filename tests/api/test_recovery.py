@@ -4,18 +4,21 @@ one) takes over jobs whose heartbeat stopped, re-runs them, or fails and refunds
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from decimal import Decimal
 
 import numpy as np
 import pytest
+from sqlalchemy.exc import OperationalError
 
+from service.api import text2img
 from service.api.errors import ApiError, ErrorKind
-from service.api.protocol import Text2ImgRequest
+from service.api.protocol import FetchRequest, Text2ImgRequest
 from service.config import Settings
 from service.engine.protocol import GenerationOutput, GenerationParams
 from service.serving.ingress import build_image_service
-from service.store.jobs import JobStatus
+from service.store.jobs import JobStatus, JobStore
 from tests.api.test_routes import KEY, write_model_configs
 
 
@@ -299,3 +302,144 @@ def test_one_webhook_per_job_end_whichever_replica_ends_it(settings):
         assert sent == [(0, job_id)]
 
     asyncio.run(scenario())
+
+
+def database_error() -> OperationalError:
+    return OperationalError(
+        "UPDATE jobs", {}, Exception("server closed the connection unexpectedly")
+    )
+
+
+def test_a_database_blip_at_the_end_does_not_fail_a_generated_job(settings, monkeypatch):
+    """The connection drops as a generated job is recorded: recording is tried again, the job
+    succeeds with its images, charged once; no database text reaches the client."""
+
+    async def scenario():
+        service = build_image_service(settings, works)
+        original, calls = service.jobs.finish, []
+
+        def finish_after_a_blip(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise database_error()
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(service.jobs, "finish", finish_after_a_blip)
+        monkeypatch.setattr(text2img, "SETTLE_BACKOFF_S", 0.01)
+        body = {"key": KEY, "prompt": "x", "width": 64, "height": 64}
+        response = await service.text2img(Text2ImgRequest(**body), {}, "v6")
+        assert response["status"] == "success", response
+        assert len(calls) == 2
+        assert service.images.read(image_name(service, response["id"])) is not None
+        assert service.keys.find("demo").balance == Decimal(1) - Decimal("0.0047")
+        assert service.ledger.audit() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_commit_that_raised_after_it_landed_is_this_replicas_end(settings, monkeypatch):
+    """The success was committed but the answer was lost: the next try finds it ended by this
+    replica and reports it so (charged once), instead of ending nothing."""
+
+    async def scenario():
+        service = build_image_service(settings, works)
+        original = service.jobs.finish
+        lost = []
+
+        def commits_then_raises(*args, **kwargs):
+            if not lost:
+                lost.append(original(*args, **kwargs))
+                raise database_error()
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(service.jobs, "finish", commits_then_raises)
+        monkeypatch.setattr(text2img, "SETTLE_BACKOFF_S", 0.01)
+        [job_id] = await accept(service, 1)
+        task = service._running[job_id]
+        await service.drain()
+        assert task.result() is not None and task.result().status is JobStatus.SUCCESS
+        assert service.keys.find("demo").balance == Decimal(1) - Decimal("0.0047")
+
+    asyncio.run(scenario())
+
+
+def test_a_job_whose_end_cannot_be_recorded_is_answered_and_finished_later(settings, monkeypatch):
+    """The database stays unreachable as a waiting request's job ends: the client gets its id
+    and fetch link, not a bare 503; the job stays processing, and once the database answers
+    the sweep runs it again: success, same links, charged once."""
+
+    async def scenario():
+        service = build_image_service(settings, works)
+        down = True
+        original = service.jobs.finish
+
+        def finish(*args, **kwargs):
+            if down:
+                raise database_error()
+            return original(*args, **kwargs)
+
+        def get(*args, **kwargs):
+            if down:
+                raise database_error()
+            return JobStore.get(service.jobs, *args, **kwargs)
+
+        monkeypatch.setattr(service.jobs, "finish", finish)
+        monkeypatch.setattr(service.jobs, "get", get)
+        monkeypatch.setattr(text2img, "SETTLE_BACKOFF_S", 0.01)
+        body = {"key": KEY, "prompt": "x", "width": 64, "height": 64}
+        response = await service.text2img(Text2ImgRequest(**body), {}, "v6")
+        assert response["status"] == "processing", response
+        assert response["fetch_result"].endswith(f"/api/v6/images/fetch/{response['id']}")
+        assert len(response["future_links"]) == 1
+
+        down = False
+        assert service.jobs.get(response["id"]).status is JobStatus.PROCESSING
+        await asyncio.sleep(0.3)  # its heartbeat stopped with its task
+        claimed, failed = await service.maintain_once()
+        assert claimed == [response["id"]] and failed == []
+        await service.drain()
+        fetched = await service.fetch(FetchRequest(key=KEY), {}, response["id"], "v6")
+        assert fetched["status"] == "success" and fetched["output"] == response["future_links"]
+        assert service.keys.find("demo").balance == Decimal(1) - Decimal("0.0047")
+        assert service.ledger.audit() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_job_the_sweep_gives_up_on_leaves_no_image_behind(settings):
+    """A dead replica wrote an image, then died before recording the end, as many times as
+    allowed: the job is failed and refunded, and that image is not served free."""
+
+    async def scenario():
+        dead = build_image_service(settings, never)
+        [job_id] = await accept(dead, 1)
+        name = image_name(dead, job_id)
+        dead.images.write(name, np.zeros((64, 64, 3), np.uint8))  # its partial output
+        crash(dead)
+        await asyncio.sleep(0.3)
+        second = build_image_service(settings, never)
+        assert await second.maintain_once() == ([job_id], [])
+        crash(second)
+        await asyncio.sleep(0.3)
+        third = build_image_service(settings, works)
+        assert await third.maintain_once() == ([], [job_id])
+        assert third.jobs.get(job_id).status is JobStatus.FAILED
+        assert third.images.read(name) is None
+        assert third.keys.find("demo").balance == Decimal(1)
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_background_job_is_not_reported_as_an_unretrieved_task_error(settings, caplog):
+    async def scenario():
+        done = asyncio.Event()
+        service = build_image_service(settings, gated(done, fails=True))
+        [job_id] = await accept(service, 1)
+        done.set()
+        await asyncio.sleep(0.05)
+        assert service.jobs.get(job_id).status is JobStatus.FAILED
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        asyncio.run(scenario())
+        gc.collect()
+    assert "never retrieved" not in caplog.text
