@@ -21,6 +21,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_MODEL_ID = "stable-diffu"
 DEFAULT_MAX_CONCURRENT_REQUESTS = {"free": 5, "pay_per_use": 10, "premium": 15}
 DEMO_API_KEY = "sdserve-demo-key"
+# Output files are `{uuid}-{i}.png` with a one- or two-digit i (service/store/images.py).
+MAX_SAMPLES_LIMIT = 99
 
 
 class ModelSpec(BaseModel):
@@ -135,7 +137,11 @@ class Settings(BaseSettings):
     min_size: int = Field(256, description="Smallest width/height in pixels.")
     max_size: int = Field(1024, description="Largest width/height in pixels.")
     max_steps: int = Field(50, description="Largest num_inference_steps.")
-    max_samples: int = Field(4, description="Largest number of images per request.")
+    max_samples: int = Field(
+        4,
+        description=f"Largest number of images per request (1 to {MAX_SAMPLES_LIMIT}: output "
+        "file names give each image a two-digit index).",
+    )
     max_body_bytes: int = Field(64 * 1024, description="Requests with larger bodies are refused.")
 
     # storage
@@ -321,6 +327,16 @@ class Settings(BaseSettings):
         if self.safety_checker_mode == "always" and not self.safety_checker:
             raise ValueError("safety_checker_mode 'always' needs safety_checker (a folder)")
         return self
+
+    @field_validator("max_samples")
+    @classmethod
+    def _samples_fit_the_output_names(cls, value: int) -> int:
+        if not 1 <= value <= MAX_SAMPLES_LIMIT:
+            raise ValueError(
+                f"max_samples must be between 1 and {MAX_SAMPLES_LIMIT} (output file names give "
+                f"each image a two-digit index), got {value}"
+            )
+        return value
 
     @field_validator("image_url_base")
     @classmethod

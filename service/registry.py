@@ -20,6 +20,8 @@ class ModelInfo:
     prediction_type: str
     native_width: int  # UNet sample size x VAE scale factor
     native_height: int
+    # hidden layers of the CLIP text encoder (clip_skip's bound); None: no config to read
+    text_encoder_layers: int | None = None
 
 
 class ModelRegistry:
@@ -72,6 +74,7 @@ def _read_model_info(model_id: str, spec: ModelSpec, max_steps: int) -> ModelInf
         ) from None
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.exists() else {}
+    text_encoder_layers = _text_encoder_layers(path / "text_encoder" / "config.json")
     scale = 2 ** (len(vae["block_out_channels"]) - 1)
     sample = unet["sample_size"]
     height, width = (sample, sample) if isinstance(sample, int) else sample
@@ -85,4 +88,25 @@ def _read_model_info(model_id: str, spec: ModelSpec, max_steps: int) -> ModelInf
         prediction_type=scheduler.get("prediction_type", "epsilon"),
         native_width=width * scale,
         native_height=height * scale,
+        text_encoder_layers=text_encoder_layers,
     )
+
+
+# transformers' CLIPTextConfig default, for a config.json that does not spell it out
+CLIP_TEXT_DEFAULT_LAYERS = 12
+
+
+def _text_encoder_layers(config_file: Path) -> int | None:
+    """`num_hidden_layers` of the text encoder's config (5 for the tiny model, 23 for SD 2.x),
+    read once with the model's other configs; None when the file is missing or unreadable (the
+    engine then checks clip_skip when it loads the model)."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    layers = config.get("num_hidden_layers", CLIP_TEXT_DEFAULT_LAYERS)
+    if isinstance(config.get("text_config"), dict):  # a full CLIPConfig: its text part
+        layers = config["text_config"].get("num_hidden_layers", CLIP_TEXT_DEFAULT_LAYERS)
+    return layers if isinstance(layers, int) and not isinstance(layers, bool) else None

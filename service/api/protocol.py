@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 from datetime import date
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 
 from service.config import DEFAULT_MODEL_ID, Settings
 from service.engine.protocol import SAFETY_TREATMENTS, GenerationParams
@@ -31,8 +31,21 @@ from service.registry import ModelInfo
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
-# `vae` values that mean the model's own VAE (unless a custom VAE has that id)
-MODEL_VAE_NAMES = ("default", "none", "null", "auto")
+MIN_GUIDANCE, MAX_GUIDANCE = 1, 20
+MAX_CLIP_SKIP = 8  # and at most the model's text-encoder depth
+# Text that is stored in a bounded column is bounded here first, so that no request can reach
+# the column's limit (a database error, HTTP 500 on PostgreSQL): jobs.track_id is String(256),
+# jobs.model_id and api_keys.name String(128); jobs.webhook is Text, bounded as URLs are.
+MAX_TRACK_ID_LENGTH = 256
+MAX_MODEL_ID_LENGTH = 128
+MAX_KEY_NAME_LENGTH = 128
+MAX_WEBHOOK_LENGTH = 2048
+# `vae` values that mean the model's own VAE (unless a custom VAE has that id); "none", "null"
+# and "" mean it always, as they leave every text field unset
+MODEL_VAE_NAMES = ("default", "auto")
+BLANK_TEXT = ("", "null", "none")
+# Integer fields whose bounds come from the settings or the model (Text2ImgRequest._malformed)
+SERVER_BOUNDED_FIELDS = ("width", "height", "samples", "num_inference_steps", "clip_skip")
 RANDOM_SEED_VALUES = (None, "", -1, "-1", 0, "0")
 _TRUE = {"yes", "true", "1", "on", "y"}
 _FALSE = {"no", "false", "0", "off", "n", ""}
@@ -50,7 +63,8 @@ NOT_APPLIED_FIELDS = (
 
 
 def _blank_to_none(value: Any) -> Any:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none")):
+    """null, "", "null" and "none" (any case, any surrounding spaces): the field is not set."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in BLANK_TEXT):
         return None
     return value
 
@@ -81,18 +95,19 @@ def _coerce_int(value: Any) -> int | None:
     raise ValueError("must be an integer")
 
 
-def _coerce_float(value: Any) -> float | None:
+def _coerce_guidance(value: Any) -> float | None:
     value = _blank_to_none(value)
     if value is None:
         return None
+    bounds = f"between {MIN_GUIDANCE} and {MAX_GUIDANCE}"
     if isinstance(value, bool):
-        raise ValueError("must be a number")
+        raise ValueError(f"must be a number {bounds}")
     try:
         number = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
-        raise ValueError("must be a number") from None
+        raise ValueError(f"must be a number {bounds}") from None
     if not math.isfinite(number):
-        raise ValueError("must be a finite number")
+        raise ValueError(f"must be a finite number {bounds}")
     return number
 
 
@@ -135,6 +150,8 @@ def _coerce_upscale(value: Any) -> int | None:
 
 
 def _coerce_text(value: Any) -> str | None:
+    """Text as sent (numbers as their text); blank-like spellings are not set."""
+    value = _blank_to_none(value)
     if value is None:
         return None
     if isinstance(value, str):
@@ -156,22 +173,42 @@ def _coerce_name(value: Any) -> str | None:
     return text
 
 
+def _bounded_name(limit: int) -> BeforeValidator:
+    """A name stored in a column of `limit` characters."""
+
+    def coerce(value: Any) -> str | None:
+        text = _coerce_name(value)
+        if text is not None and len(text) > limit:
+            raise ValueError(f"must be at most {limit} characters")
+        return text
+
+    return BeforeValidator(coerce)
+
+
 def _coerce_seed(value: Any) -> int | None:
     if value in RANDOM_SEED_VALUES or (isinstance(value, str) and value.strip() in ("", "-1", "0")):
         return None
-    seed = _coerce_int(value)
+    rule = f"must be an integer between 1 and {MAX_SEED}, or null/-1 for random"
+    try:
+        seed = _coerce_int(value)
+    except ValueError:
+        raise ValueError(rule) from None
     if seed is None or seed == -1 or seed == 0:
         return None
     if not 0 < seed <= MAX_SEED:
-        raise ValueError(f"must be an integer between 1 and {MAX_SEED}, or null/-1 for random")
+        raise ValueError(rule)
     return seed
 
 
 Int = Annotated[int | None, BeforeValidator(_coerce_int)]
-Float = Annotated[float | None, BeforeValidator(_coerce_float)]
+Guidance = Annotated[float | None, BeforeValidator(_coerce_guidance)]
 Toggle = Annotated[bool | None, BeforeValidator(_coerce_bool)]
 Text = Annotated[str | None, BeforeValidator(_coerce_text)]
 Name = Annotated[str | None, BeforeValidator(_coerce_name)]
+ModelId = Annotated[str | None, _bounded_name(MAX_MODEL_ID_LENGTH)]
+TrackId = Annotated[str | None, _bounded_name(MAX_TRACK_ID_LENGTH)]
+WebhookUrl = Annotated[str | None, _bounded_name(MAX_WEBHOOK_LENGTH)]
+KeyName = Annotated[str | None, _bounded_name(MAX_KEY_NAME_LENGTH)]
 UpscaleFactor = Annotated[int | None, BeforeValidator(_coerce_upscale)]
 Seed = Annotated[int | None, BeforeValidator(_coerce_seed)]
 
@@ -211,11 +248,15 @@ class Text2ImgRequest(KeyedRequest):
     # prompt gets the ModelsLab error envelope rather than FastAPI's 422.
     model_config = ConfigDict(extra="allow", json_schema_extra={"required": ["prompt"]})
 
-    model_id: Name = Field(
+    model_id: ModelId = Field(
         None,
         description="A served model (`POST /api/v4/dreambooth/model_list` lists them); omitted: "
         "the server's default model. The v3 route always uses the default model.",
-        json_schema_extra={"default": DEFAULT_MODEL_ID, "examples": [DEFAULT_MODEL_ID]},
+        json_schema_extra={
+            "default": DEFAULT_MODEL_ID,
+            "examples": [DEFAULT_MODEL_ID],
+            "maxLength": MAX_MODEL_ID_LENGTH,
+        },
     )
     prompt: Text = Field(
         None,
@@ -267,10 +308,11 @@ class Text2ImgRequest(KeyedRequest):
         "SDSERVE_MODELS sets another).",
         json_schema_extra={"default": 30, "minimum": 1, "maximum": _MAX_STEPS},
     )
-    guidance_scale: Float = Field(
+    guidance_scale: Guidance = Field(
         None,
-        description="Classifier-free guidance: how closely the image follows the prompt, 1-20.",
-        json_schema_extra={"default": 7.5, "minimum": 1, "maximum": 20},
+        description="Classifier-free guidance: how closely the image follows the prompt, "
+        f"{MIN_GUIDANCE}-{MAX_GUIDANCE}.",
+        json_schema_extra={"default": 7.5, "minimum": MIN_GUIDANCE, "maximum": MAX_GUIDANCE},
     )
     seed: Seed = Field(
         None,
@@ -302,9 +344,9 @@ class Text2ImgRequest(KeyedRequest):
     )
     clip_skip: Int = Field(
         None,
-        description="CLIP text-encoder layers to skip from the end, 1-8 (at most the encoder's "
-        "depth).",
-        json_schema_extra={"default": 1, "minimum": 1, "maximum": 8},
+        description=f"CLIP text-encoder layers to skip from the end, 1-{MAX_CLIP_SKIP}, and at "
+        "most the model's text-encoder depth.",
+        json_schema_extra={"default": 1, "minimum": 1, "maximum": MAX_CLIP_SKIP},
     )
     lora_model: Name = Field(
         None,
@@ -321,14 +363,16 @@ class Text2ImgRequest(KeyedRequest):
         None,
         description="Comma-separated textual-inversion embedding ids, from the server's "
         "embeddings folder (SDSERVE_EMBEDDINGS_DIR; `model_list` lists them). Each id, written "
-        "as a word in `prompt` or `negative_prompt`, stands for its learned vectors.",
+        "as a word in `prompt` or `negative_prompt`, stands for its learned vectors. An id the "
+        "server does not have is not applied, and `meta.not_applied` says so.",
         json_schema_extra={"examples": [None]},
     )
     vae: Name = Field(
         None,
         description="A custom VAE id, from the server's VAE folder (SDSERVE_VAE_DIR; "
         "`model_list` lists them), that turns the latents into the image instead of the "
-        "model's own VAE. Omitted, null or \"default\": the model's VAE.",
+        "model's own VAE. Omitted, null or \"default\": the model's VAE. An id the server "
+        "does not have: the model's VAE, and `meta.not_applied` says so.",
         json_schema_extra={"examples": [None]},
     )
     tomesd: Toggle = Field(
@@ -387,16 +431,16 @@ class Text2ImgRequest(KeyedRequest):
         description='"yes": output links expire after 24 hours.',
         json_schema_extra={"default": False},
     )
-    webhook: Name = Field(
+    webhook: WebhookUrl = Field(
         None,
         description="http(s) URL that receives a POST of the fetch body (plus `track_id`) when "
         "the job ends; retried with backoff, `webhook_status` says how it went.",
-        json_schema_extra={"examples": [None]},
+        json_schema_extra={"examples": [None], "maxLength": MAX_WEBHOOK_LENGTH},
     )
-    track_id: Name = Field(
+    track_id: TrackId = Field(
         None,
         description="Any id of yours, echoed in the webhook body.",
-        json_schema_extra={"examples": [None]},
+        json_schema_extra={"examples": [None], "maxLength": MAX_TRACK_ID_LENGTH},
     )
     instant_response: Toggle = Field(
         None,
@@ -404,6 +448,25 @@ class Text2ImgRequest(KeyedRequest):
         "otherwise wait for the images up to SDSERVE_SYNC_WINDOW_S (60 s by default).",
         json_schema_extra={"default": False},
     )
+
+    # Fields whose bounds come from the settings or the model: a value that is no integer is
+    # set aside here and refused in to_params, with the same rule as an out-of-range one.
+    _malformed: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _set_aside_malformed_bounded_numbers(cls, data: Any, handler) -> Text2ImgRequest:
+        if not isinstance(data, dict):  # e.g. an instance already validated
+            return handler(data)
+        malformed = set()
+        for name in SERVER_BOUNDED_FIELDS:
+            try:
+                _coerce_int(data.get(name))
+            except ValueError:
+                malformed.add(name)
+        request = handler({name: value for name, value in data.items() if name not in malformed})
+        request._malformed = frozenset(malformed)
+        return request
 
     def _loras(self, available: Collection[str], problems: list[str]) -> tuple:
         """(lora_id, strength) pairs from the comma-separated `lora_model` and `lora_strength`;
@@ -431,23 +494,28 @@ class Text2ImgRequest(KeyedRequest):
             strengths = strengths * len(ids)
         return tuple(zip(ids, strengths, strict=True))
 
-    def _embeddings(self, available: Collection[str], problems: list[str]) -> tuple[str, ...]:
+    def _embeddings(self, available: Collection[str], not_applied: list[str]) -> tuple[str, ...]:
+        """The embeddings the server has; an unknown id is dropped and reported not applied
+        (the ModelsLab contract: never an error)."""
         ids = [part.strip() for part in (self.embeddings_model or "").split(",") if part.strip()]
-        unknown = [name for name in ids if name not in available]
-        if unknown:
-            names = ", ".join(sorted(available)) or "none"
-            problems.append(
-                f"embeddings_model '{unknown[0]}' is not available; available embeddings: {names}"
+        ids = list(dict.fromkeys(ids))
+        names = ", ".join(sorted(available)) or "none"
+        for unknown in (name for name in ids if name not in available):
+            not_applied.append(
+                f"embeddings_model '{unknown}' (not available; available embeddings: {names})"
             )
-        return tuple(dict.fromkeys(ids))
+        return tuple(name for name in ids if name in available)
 
-    def _vae(self, available: Collection[str], problems: list[str]) -> str | None:
+    def _vae(self, available: Collection[str], not_applied: list[str]) -> str | None:
+        """A custom VAE the server has, else None (the model's own); an unknown id is reported
+        not applied (the ModelsLab contract: never an error)."""
         vae_id = (self.vae or "").strip()
         if not vae_id or (vae_id.lower() in MODEL_VAE_NAMES and vae_id not in available):
             return None
         if vae_id not in available:
             names = ", ".join(sorted(available)) or "none"
-            problems.append(f"vae '{vae_id}' is not available; available VAEs: {names}")
+            not_applied.append(f"vae '{vae_id}' (not available; available VAEs: {names})")
+            return None
         return vae_id
 
     def to_params(
@@ -462,12 +530,12 @@ class Text2ImgRequest(KeyedRequest):
         that stay with the ingress (base64, temp, webhook, track_id, not-applied fields)."""
         problems: list[str] = []
 
-        def bounded(name: str, value: int | None, default: int, low: int, high: int) -> int:
-            if value is None:
-                return default
-            if not low <= value <= high:
-                problems.append(f"{name} must be an integer between {low} and {high}")
-            return value
+        def bounded(
+            name: str, value: int | None, default: int, low: int, high: int, why: str = ""
+        ) -> int:
+            if name in self._malformed or (value is not None and not low <= value <= high):
+                problems.append(f"{name} must be an integer between {low} and {high}{why}")
+            return default if value is None else value
 
         model_id = (self.model_id or "").strip() or settings.default_model_id
         model = models.get(model_id)
@@ -479,6 +547,12 @@ class Text2ImgRequest(KeyedRequest):
             default_w, default_h, default_steps = 512, 512, 30
         else:
             default_w, default_h, default_steps = model.width, model.height, model.default_steps
+        # The model's default size, like its default steps, must not fall outside the
+        # operator's bounds: a request that omits width/height is never refused for them.
+        smallest, largest = -(-settings.min_size // 8) * 8, settings.max_size // 8 * 8
+        if smallest <= largest:
+            default_w = min(max(default_w, smallest), largest)
+            default_h = min(max(default_h, smallest), largest)
 
         prompt = (self.prompt or "").strip()
         if not prompt:
@@ -490,7 +564,9 @@ class Text2ImgRequest(KeyedRequest):
             ("height", self.height, default_h),
         ):
             size = default if value is None else value
-            if not (settings.min_size <= size <= settings.max_size and size % 8 == 0):
+            if name in self._malformed or not (
+                settings.min_size <= size <= settings.max_size and size % 8 == 0
+            ):
                 problems.append(
                     f"{name} must be a multiple of 8 between {settings.min_size} and "
                     f"{settings.max_size}"
@@ -503,11 +579,20 @@ class Text2ImgRequest(KeyedRequest):
         steps = bounded(
             "num_inference_steps", self.num_inference_steps, default_steps, 1, settings.max_steps
         )
-        clip_skip = bounded("clip_skip", self.clip_skip, 1, 1, 8)
+        # The engine refuses a clip_skip deeper than the text encoder; refused here instead of
+        # failing the job after queueing.
+        layers = model.text_encoder_layers if model is not None else None
+        if layers is not None and layers < MAX_CLIP_SKIP:
+            why = f" (the text encoder of '{model_id}' has {layers} layers)"
+            clip_skip = bounded("clip_skip", self.clip_skip, 1, 1, max(layers, 1), why)
+        else:
+            clip_skip = bounded("clip_skip", self.clip_skip, 1, 1, MAX_CLIP_SKIP)
 
         guidance = 7.5 if self.guidance_scale is None else self.guidance_scale
-        if not 1 <= guidance <= 20:
-            problems.append("guidance_scale must be a number between 1 and 20")
+        if not MIN_GUIDANCE <= guidance <= MAX_GUIDANCE:
+            problems.append(
+                f"guidance_scale must be a number between {MIN_GUIDANCE} and {MAX_GUIDANCE}"
+            )
 
         scheduler = "UniPCMultistepScheduler"
         scheduler_ok = True
@@ -529,7 +614,8 @@ class Text2ImgRequest(KeyedRequest):
         # combination it cannot build an error now instead of a failed job after queueing.
         karras = True if self.use_karras_sigmas is None else self.use_karras_sigmas
         scheduler_notes: list[str] = []
-        if scheduler_ok and 1 <= steps <= settings.max_steps:
+        steps_ok = "num_inference_steps" not in self._malformed and 1 <= steps <= settings.max_steps
+        if scheduler_ok and steps_ok:
             try:
                 choice = validate_scheduler_options(scheduler, karras, algorithm_type, steps)
             except ValueError as error:
@@ -543,8 +629,9 @@ class Text2ImgRequest(KeyedRequest):
                 karras = choice.use_karras_sigmas
 
         lora_pairs = self._loras(loras, problems)
-        embedding_ids = self._embeddings(embeddings, problems)
-        vae_id = self._vae(vaes, problems)
+        unknown_ids: list[str] = []
+        embedding_ids = self._embeddings(embeddings, unknown_ids)
+        vae_id = self._vae(vaes, unknown_ids)
 
         treatment = (self.safety_checker_type or "").strip().lower() or SAFETY_TREATMENTS[0]
         if treatment not in SAFETY_TREATMENTS:
@@ -591,6 +678,7 @@ class Text2ImgRequest(KeyedRequest):
             name for name in NOT_APPLIED_FIELDS if _is_set((self.model_extra or {}).get(name))
         ]
         not_applied += scheduler_notes
+        not_applied += unknown_ids
         if self.safety_checker and not check:
             not_applied.append("safety_checker (no safety checker model is configured)")
         if self.highres_fix and not above_native and model is not None:
@@ -633,7 +721,7 @@ def _is_set(value: Any) -> bool:
     if value is None:
         return False
     if isinstance(value, str):
-        return value.strip().lower() not in _FALSE | {"null", "none"}
+        return value.strip().lower() not in _FALSE | set(BLANK_TEXT)
     return bool(value)
 
 
@@ -646,7 +734,11 @@ class FetchRequest(KeyedRequest):
 class UsageRequest(KeyedRequest):
     """`POST /api/v1/enterprise/usage`: delivered images and their price per key and model."""
 
-    key_name: Name = Field(None, description="Only this key (its name).")
+    key_name: KeyName = Field(
+        None,
+        description="Only this key (its name).",
+        json_schema_extra={"maxLength": MAX_KEY_NAME_LENGTH},
+    )
     since: date | None = Field(None, description="Only images settled on or after this UTC date.")
 
 

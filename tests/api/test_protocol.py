@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.api.protocol import MAX_SEED, RequestError, Text2ImgRequest
+from service.api.protocol import MAX_SEED, RequestError, Text2ImgRequest, UsageRequest
 from service.config import Settings
 from service.registry import ModelInfo
+from service.store.jobs import Job
+from service.store.keys import ApiKey
 
 SIZES = {
     "stable-diffu": ModelInfo("stable-diffu", Path("m"), 768, 768, 30, "v_prediction", 768, 768),
@@ -136,13 +138,14 @@ def test_operator_bounds_apply():
 @pytest.mark.parametrize(
     "fields, expected",
     [
-        ({"width": "abc"}, "must be an integer"),
-        ({"width": 512.5}, "must be an integer"),
-        ({"guidance_scale": "NaN"}, "must be a finite number"),
-        ({"guidance_scale": "inf"}, "must be a finite number"),
+        ({"guidance_scale": "NaN"}, "must be a finite number between 1 and 20"),
+        ({"guidance_scale": "inf"}, "must be a finite number between 1 and 20"),
+        ({"guidance_scale": "abc"}, "guidance_scale\n  Value error, must be a number between 1"),
         ({"base64": "maybe"}, 'must be "yes" or "no"'),
         ({"seed": 2**40}, "must be an integer between 1 and"),
         ({"seed": -5}, "must be an integer between 1 and"),
+        ({"seed": "abc"}, f"must be an integer between 1 and {MAX_SEED}, or null/-1 for random"),
+        ({"seed": 1.5}, f"must be an integer between 1 and {MAX_SEED}, or null/-1 for random"),
         ({"prompt": ["a", "b"]}, "must be a string"),
     ],
 )
@@ -195,13 +198,24 @@ def test_embeddings_model_names_embeddings_of_the_folder():
     p, options = body.to_params(Settings(), SIZES, LORAS, ["glow", "moody"])
     assert p.embeddings == ("moody", "glow")
     assert "embeddings_model" not in options["not_applied"]
-    body = Text2ImgRequest.model_validate({"key": "k", "prompt": "x", "embeddings_model": "dark"})
-    with pytest.raises(RequestError) as info:
-        body.to_params(Settings(), SIZES, LORAS, ["moody"])
-    assert (
-        str(info.value) == "embeddings_model 'dark' is not available; available embeddings: moody"
-    )
     assert params(embeddings_model=None)[0].embeddings == ()
+
+
+def test_an_unknown_embedding_is_dropped_and_reported_not_applied():
+    body = Text2ImgRequest.model_validate(
+        {"key": "k", "prompt": "x", "embeddings_model": "dark, moody, blue"}
+    )
+    p, options = body.to_params(Settings(), SIZES, LORAS, ["moody"])
+    assert p.embeddings == ("moody",)
+    assert options["not_applied"] == [
+        "embeddings_model 'dark' (not available; available embeddings: moody)",
+        "embeddings_model 'blue' (not available; available embeddings: moody)",
+    ]
+    p, options = params(embeddings_model="dark")  # a server without embeddings
+    assert p.embeddings == ()
+    assert options["not_applied"] == [
+        "embeddings_model 'dark' (not available; available embeddings: none)"
+    ]
 
 
 def test_vae_names_a_vae_of_the_folder_or_the_models_own():
@@ -214,14 +228,20 @@ def test_vae_names_a_vae_of_the_folder_or_the_models_own():
     assert vae_of(" ft-mse ") == "ft-mse"
     for own in (None, "", "null", "default", "None", "auto"):
         assert vae_of(own) is None, own
-    body = Text2ImgRequest.model_validate({"key": "k", "prompt": "x", "vae": "kl-f8"})
-    with pytest.raises(RequestError) as info:
-        body.to_params(Settings(), SIZES, LORAS, (), vaes)
-    assert str(info.value) == "vae 'kl-f8' is not available; available VAEs: anime, ft-mse"
     _, options = Text2ImgRequest.model_validate(
         {"key": "k", "prompt": "x", "vae": "anime"}
     ).to_params(Settings(), SIZES, LORAS, (), vaes)
     assert "vae" not in options["not_applied"]
+
+
+def test_an_unknown_vae_is_dropped_and_reported_not_applied():
+    body = Text2ImgRequest.model_validate({"key": "k", "prompt": "x", "vae": "kl-f8"})
+    p, options = body.to_params(Settings(), SIZES, LORAS, (), ["ft-mse", "anime"])
+    assert p.vae is None  # the model's own VAE decodes
+    assert options["not_applied"] == ["vae 'kl-f8' (not available; available VAEs: anime, ft-mse)"]
+    with pytest.raises(ValidationError) as info:  # a value that is no id stays an error
+        Text2ImgRequest.model_validate({"key": "k", "prompt": "x", "vae": ["anime"]})
+    assert "vae\n  Value error, must be a string" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -312,3 +332,189 @@ def test_scheduler_options_that_do_not_apply_are_said_not_applied():
     assert p.use_karras_sigmas is False and options["not_applied"] == []
     p, options = params(scheduler="EulerDiscrete", use_karras_sigmas="yes")
     assert p.use_karras_sigmas is True and options["not_applied"] == []
+
+
+# ---- blank-like text, stored lengths, default sizes, clip_skip, type errors -------------------
+
+BLANK_SPELLINGS = [None, "", "null", "none", "NULL", " None ", "  "]
+# Optional text fields, with a value each that changes what a request resolves to.
+TEXT_FIELDS = {
+    "model_id": "other",
+    "negative_prompt": "blurry",
+    "scheduler": "DDIM",
+    "algorithm_type": "dpmsolver+++",
+    "lora_model": "style",
+    "lora_strength": "0.5",
+    "embeddings_model": "moody",
+    "vae": "anime",
+    "safety_checker_type": "blur",
+    "webhook": "https://example.com/hook",
+    "track_id": "order-17",
+}
+
+
+def resolved(**fields):
+    body = Text2ImgRequest.model_validate({"key": "k", "prompt": "a cat", "seed": 7, **fields})
+    p, options = body.to_params(Settings(), SIZES, LORAS, ["moody"], ["anime"])
+    return p, options
+
+
+@pytest.mark.parametrize("blank", BLANK_SPELLINGS)
+@pytest.mark.parametrize("field", sorted(TEXT_FIELDS))
+def test_a_blank_like_text_field_is_not_set(field, blank):
+    """What the hosted API's docs put in their examples ("webhook": "null", "scheduler":
+    "none", ...) means "not set": the request resolves as if the field were omitted."""
+    assert resolved(**{field: blank}) == resolved()
+
+
+def test_the_text_fields_tried_for_blank_spellings_do_change_a_request():
+    for field, value in TEXT_FIELDS.items():
+        if field == "lora_strength":
+            assert resolved(lora_model="style", lora_strength=value) != resolved(lora_model="style")
+        else:
+            assert resolved(**{field: value}) != resolved(), field
+
+
+def test_hosted_api_example_values_are_served_with_defaults():
+    p, options = resolved(
+        webhook="null",
+        track_id="null",
+        embeddings_model="null",
+        lora_model="null",
+        scheduler="none",
+        algorithm_type="null",
+        negative_prompt="null",
+        vae="null",
+    )
+    assert options["webhook"] is None and options["track_id"] is None
+    assert p.negative_prompt == "" and p.scheduler == "UniPCMultistepScheduler"
+    assert p.loras == () and p.embeddings == () and p.vae is None and p.algorithm_type is None
+    assert options["not_applied"] == []
+
+
+@pytest.mark.parametrize("prompt", [None, "", "null", "NONE", " none "])
+def test_a_null_prompt_is_refused_as_missing(prompt):
+    assert error_of(prompt=prompt) == "prompt must be a non-empty string"
+
+
+def test_text_that_only_contains_null_is_kept():
+    p, options = resolved(negative_prompt="null hypothesis", track_id="none-17")
+    assert p.negative_prompt == "null hypothesis" and options["track_id"] == "none-17"
+    assert params(prompt="null island")[0].prompt == "null island"
+
+
+def column_length(table, name: str) -> int | None:
+    return table.__table__.c[name].type.length
+
+
+@pytest.mark.parametrize(
+    ("field", "column", "text"),
+    [
+        ("track_id", column_length(Job, "track_id"), "t"),
+        ("model_id", column_length(Job, "model_id"), "m"),
+        ("webhook", None, "https://example.com/" + "h"),  # a Text column: bounded here anyway
+    ],
+)
+def test_stored_text_fields_are_bounded_below_their_column(field, column, text):
+    """A value longer than its column is a named error here, never a database error (HTTP 500
+    on PostgreSQL) when the job row is written."""
+    limit = Text2ImgRequest.model_json_schema()["properties"][field]["maxLength"]
+    if column is not None:
+        assert limit <= column
+    too_long = text.ljust(limit + 1, "x")
+    with pytest.raises(ValidationError) as info:
+        Text2ImgRequest.model_validate({"key": "k", "prompt": "x", field: too_long})
+    assert f"must be at most {limit} characters" in str(info.value)
+    assert str(info.value).splitlines()[1] == field
+    fits = Text2ImgRequest.model_validate({"key": "k", "prompt": "x", field: too_long[:limit]})
+    assert getattr(fits, field) == too_long[:limit]
+
+
+def test_track_id_of_its_column_length_is_stored_as_sent():
+    limit = column_length(Job, "track_id")
+    assert resolved(track_id="é" * limit)[1]["track_id"] == "é" * limit
+    with pytest.raises(ValidationError, match=f"must be at most {limit} characters"):
+        resolved(track_id="é" * (limit + 1))
+
+
+def test_usage_key_name_is_bounded_by_the_key_name_column():
+    limit = column_length(ApiKey, "name")
+    assert UsageRequest.model_validate({"key": "k", "key_name": "n" * limit}).key_name
+    with pytest.raises(ValidationError, match=f"must be at most {limit} characters"):
+        UsageRequest.model_validate({"key": "k", "key_name": "n" * (limit + 1)})
+    assert UsageRequest.model_validate({"key": "k", "key_name": "null"}).key_name is None
+
+
+@pytest.mark.parametrize(
+    ("bounds", "model_id", "size"),
+    [
+        ({"max_size": 512}, "stable-diffu", 512),  # 768 native, capped
+        ({"max_size": 500}, "stable-diffu", 496),  # the largest multiple of 8 allowed
+        ({"min_size": 640}, "other", 640),  # 512 native, raised to the smallest allowed
+        ({"max_size": 512}, "other", 512),  # already within the bounds
+    ],
+)
+def test_the_models_default_size_is_kept_within_the_operators_bounds(bounds, model_id, size):
+    settings = Settings(**bounds)
+    p, _ = params(settings, model_id=model_id)
+    assert (p.width, p.height) == (size, size)
+    assert settings.min_size <= p.width <= settings.max_size and p.width % 8 == 0
+    only_width, _ = params(settings, model_id=model_id, width=size)
+    assert (only_width.width, only_width.height) == (size, size)
+
+
+def test_clip_skip_is_bounded_by_the_models_text_encoder_depth():
+    shallow = {
+        "tiny": ModelInfo("tiny", Path("t"), 512, 512, 30, "epsilon", 512, 512, 5),
+        "deep": ModelInfo("deep", Path("d"), 512, 512, 30, "epsilon", 512, 512, 23),
+    }
+
+    def clip_skip_of(model_id, clip_skip):
+        body = Text2ImgRequest.model_validate(
+            {"key": "k", "prompt": "x", "model_id": model_id, "clip_skip": clip_skip}
+        )
+        return body.to_params(Settings(default_model_id="stable-diffu"), shallow)[0].clip_skip
+
+    assert clip_skip_of("tiny", 5) == 5
+    with pytest.raises(RequestError) as info:
+        clip_skip_of("tiny", 6)
+    assert str(info.value) == (
+        "clip_skip must be an integer between 1 and 5 (the text encoder of 'tiny' has 5 layers)"
+    )
+    assert clip_skip_of("deep", 8) == 8
+    with pytest.raises(RequestError, match="^clip_skip must be an integer between 1 and 8$"):
+        clip_skip_of("deep", 9)
+    # a model whose depth is unknown keeps 1..8
+    assert params(clip_skip=8)[0].clip_skip == 8
+
+
+@pytest.mark.parametrize(
+    ("settings", "fields", "expected"),
+    [
+        ({}, {"width": "abc"}, "width must be a multiple of 8 between 256 and 1024"),
+        ({}, {"height": 512.5}, "height must be a multiple of 8 between 256 and 1024"),
+        (
+            {"min_size": 64, "max_size": 512},
+            {"width": True},
+            "width must be a multiple of 8 between 64 and 512",
+        ),
+        ({}, {"samples": "two"}, "samples must be an integer between 1 and 4"),
+        ({"max_samples": 8}, {"samples": [2]}, "samples must be an integer between 1 and 8"),
+        (
+            {"max_steps": 20},
+            {"num_inference_steps": "many"},
+            "num_inference_steps must be an integer between 1 and 20",
+        ),
+        ({}, {"clip_skip": "x"}, "clip_skip must be an integer between 1 and 8"),
+    ],
+)
+def test_a_value_of_the_wrong_type_gets_the_fields_rule(settings, fields, expected):
+    assert error_of(settings=Settings(**settings), **fields) == expected
+
+
+def test_wrong_types_are_reported_with_the_other_broken_rules():
+    message = error_of(width="wide", samples=9, prompt="")
+    assert message == (
+        "prompt must be a non-empty string; width must be a multiple of 8 between 256 and 1024; "
+        "samples must be an integer between 1 and 4"
+    )

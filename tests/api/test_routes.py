@@ -181,19 +181,22 @@ def test_key_from_headers_and_bad_keys(env):
 
 def test_bad_input_is_named_and_nothing_is_stored(env):
     client, engine, service = env
-    cases = {
-        "width must be a multiple of 8": {"prompt": "x", "width": 100},
-        "samples must be an integer between 1 and 4": {"prompt": "x", "samples": 5},
-        "num_inference_steps must be an integer between 1 and 50": {
-            "prompt": "x",
-            "num_inference_steps": 0,
-        },
-        "scheduler must be one of": {"prompt": "x", "scheduler": "Magic"},
-        "available models: stable-diffu": {"prompt": "x", "model_id": "nope"},
-        "prompt must be a non-empty string": {"prompt": ""},
-        "width must be an integer": {"prompt": "x", "width": "wide"},
-    }
-    for expected, body in cases.items():
+    cases = [
+        ("width must be a multiple of 8", {"prompt": "x", "width": 100}),
+        ("samples must be an integer between 1 and 4", {"prompt": "x", "samples": 5}),
+        (
+            "num_inference_steps must be an integer between 1 and 50",
+            {"prompt": "x", "num_inference_steps": 0},
+        ),
+        ("scheduler must be one of", {"prompt": "x", "scheduler": "Magic"}),
+        ("available models: stable-diffu", {"prompt": "x", "model_id": "nope"}),
+        ("prompt must be a non-empty string", {"prompt": ""}),
+        ("prompt must be a non-empty string", {"prompt": "null"}),
+        ("width must be a multiple of 8 between 64 and 1024", {"prompt": "x", "width": "wide"}),
+        ("seed must be an integer between 1 and 4294967295", {"prompt": "x", "seed": "abc"}),
+        ("track_id must be at most 256 characters", {"prompt": "x", "track_id": "t" * 257}),
+    ]
+    for expected, body in cases:
         r = post(client, "/api/v6/images/text2img", **body)
         assert r.status_code == 200
         assert r.json()["status"] == "error" and expected in r.json()["message"], r.json()
@@ -506,3 +509,83 @@ def test_a_temp_image_is_never_cached_past_its_24_hours(env):
         [url] = post(client, "/api/v6/images/text2img", temp=temp, **fields).json()["output"]
         served = client.get(url)
         assert served.status_code == 200 and served.headers["cache-control"] == caching
+
+
+# ---- what hosted-API client code sends ------------------------------------------------------
+
+
+def test_null_spellings_from_the_hosted_api_examples_are_served_with_defaults(env):
+    client, engine, service = env
+    body = post(
+        client,
+        "/api/v6/images/text2img",
+        prompt="a cat",
+        negative_prompt="null",
+        width=64,
+        height=64,
+        webhook="null",
+        track_id="null",
+        embeddings_model="null",
+        lora_model="null",
+        scheduler="none",
+        algorithm_type="null",
+        vae="null",
+        safety_checker_type="none",
+    ).json()
+    assert body["status"] == "success", body
+    meta = body["meta"]
+    assert (meta["webhook"], meta["track_id"], meta["lora"], meta["vae"]) == (None,) * 4
+    assert meta["negative_prompt"] == "" and meta["scheduler"] == "UniPCMultistepScheduler"
+    assert meta["algorithm_type"] == "none" and meta["not_applied"] == []
+    job = service.jobs.get(body["id"])
+    assert job.track_id is None and job.webhook is None
+    assert engine.calls[0].embeddings == () and engine.calls[0].negative_prompt == ""
+
+
+def test_unknown_vae_and_embeddings_are_served_and_reported_not_applied(env):
+    client, engine, _ = env
+    body = post(
+        client,
+        "/api/v6/images/text2img",
+        prompt="x",
+        width=64,
+        height=64,
+        vae="kl-f8",
+        embeddings_model="dark",
+    ).json()
+    assert body["status"] == "success", body
+    assert body["meta"]["vae"] is None and body["meta"]["embeddings_model"] is None
+    assert body["meta"]["not_applied"] == [
+        "embeddings_model 'dark' (not available; available embeddings: none)",
+        "vae 'kl-f8' (not available; available VAEs: none)",
+    ]
+    assert engine.calls[0].vae is None and engine.calls[0].embeddings == ()
+
+
+def test_a_max_size_below_the_models_size_caps_the_default_size(tmp_path):
+    app, engine, _ = make_app(tmp_path, max_size=128)  # the model's native size is 256
+    with TestClient(app) as client:
+        body = post(client, "/api/v6/images/text2img", prompt="x").json()
+        assert body["status"] == "success", body
+        assert (body["meta"]["W"], body["meta"]["H"]) == (128, 128)
+        assert (engine.calls[0].width, engine.calls[0].height) == (128, 128)
+
+
+def test_clip_skip_beyond_the_text_encoders_depth_is_refused_before_queueing(tmp_path):
+    layers = 5  # the tiny demo model's depth
+    (tmp_path / "model" / "text_encoder").mkdir(parents=True)
+    (tmp_path / "model" / "text_encoder" / "config.json").write_text(
+        json.dumps({"model_type": "clip_text_model", "num_hidden_layers": layers})
+    )
+    app, engine, service = make_app(tmp_path)
+    with TestClient(app) as client:
+        fields = {"prompt": "x", "width": 64, "height": 64}
+        deepest = post(client, "/api/v6/images/text2img", clip_skip=layers, **fields).json()
+        assert deepest["status"] == "success" and deepest["meta"]["clip_skip"] == layers
+        refused = post(client, "/api/v6/images/text2img", clip_skip=layers + 1, **fields).json()
+        assert refused["status"] == "error"
+        assert refused["message"] == (
+            f"clip_skip must be an integer between 1 and {layers} "
+            f"(the text encoder of 'stable-diffu' has {layers} layers)"
+        )
+    assert len(engine.calls) == 1 and service.jobs.get(deepest["id"] + 1) is None

@@ -190,13 +190,13 @@ def test_an_embedding_changes_only_the_requests_that_name_it(fleet):
     assert not np.array_equal(pixels(named), plain)
     assert np.array_equal(pixels(tower()), plain)
 
-    unknown = call(
-        base_url, "/api/v6/images/text2img", prompt="x", embeddings_model="dark", **SMALL
-    )
-    assert unknown["status"] == "error"
-    assert unknown["message"] == (
-        "embeddings_model 'dark' is not available; available embeddings: moody"
-    )
+    # an id this server does not have (a hosted one): served without it, and said so
+    unknown = generate(base_url, prompt="a moody tower", embeddings_model="dark")
+    assert unknown["meta"]["embeddings_model"] is None
+    assert unknown["meta"]["not_applied"] == [
+        "embeddings_model 'dark' (not available; available embeddings: moody)"
+    ]
+    assert np.array_equal(pixels(unknown), plain)
 
 
 def test_a_custom_vae_decodes_only_the_requests_that_name_it(fleet):
@@ -210,9 +210,12 @@ def test_a_custom_vae_decodes_only_the_requests_that_name_it(fleet):
     assert crisp["meta"]["vae"] == "crisp" and "vae" not in crisp["meta"]["not_applied"]
     assert not np.array_equal(pixels(crisp), pixels(plain))
 
-    unknown = call(base_url, "/api/v6/images/text2img", prompt="x", vae="kl-f8", **SMALL)
-    assert unknown["status"] == "error"
-    assert unknown["message"] == "vae 'kl-f8' is not available; available VAEs: crisp"
+    unknown = generate(base_url, vae="kl-f8")
+    assert unknown["meta"]["vae"] is None
+    assert unknown["meta"]["not_applied"] == [
+        "vae 'kl-f8' (not available; available VAEs: crisp)"
+    ]
+    assert np.array_equal(pixels(unknown), pixels(plain))
 
 
 def test_upscale_gives_images_the_factor_times_larger(fleet):

@@ -118,7 +118,7 @@ NON_FINITE = {
     '"guidance_scale": Infinity': "guidance_scale must be a finite number",
     '"guidance_scale": -Infinity': "guidance_scale must be a finite number",
     '"guidance_scale": 1e400': "guidance_scale must be a finite number",
-    '"width": NaN': "width must be an integer",
+    '"width": NaN': "width must be a multiple of 8 between 64 and 1024",
     '"samples": Infinity': "samples must be an integer",
     '"num_inference_steps": -Infinity': "num_inference_steps must be an integer",
     '"seed": NaN': "seed must be an integer",
@@ -143,8 +143,9 @@ def test_nan_and_infinity(api, client, record):
     record(
         "bad input",
         'NaN, Infinity, -Infinity, 1e400 and "nan"/"inf" strings in every numeric field',
-        'named error ("guidance_scale must be a finite number", "width must be an integer", '
-        '...); no job. In a text field (`prompt: NaN`) the number is taken as text ("nan")',
+        'named error with the rule ("guidance_scale must be a finite number between 1 and 20", '
+        '"width must be a multiple of 8 between 64 and 1024", ...); no job. In a text field '
+        '(`prompt: NaN`) the number is taken as text ("nan")',
     )
 
 
@@ -359,6 +360,49 @@ def test_nul_in_text_columns_on_postgresql(postgres_api, record):
         f"OPEN: HTTP 500 for {', '.join(failing)}" if failing else "named error",
     )
     assert not failing
+
+
+def test_text_longer_than_its_column_on_postgresql(postgres_api, record):
+    """track_id is String(256), model_id and key names String(128): longer values are named
+    errors, never a database error when the row is written."""
+    from service.store.jobs import Job
+    from service.store.keys import ApiKey
+
+    track_limit = Job.__table__.c.track_id.type.length
+    model_limit = Job.__table__.c.model_id.type.length
+    name_limit = ApiKey.__table__.c.name.type.length
+    keys = postgres_api.keys
+    with TestClient(postgres_api.app, raise_server_exceptions=False) as client:
+        answers = {
+            "track_id": client.post(
+                TEXT2IMG, json={"key": keys["alice"], **SMALL, "track_id": "t" * (track_limit + 1)}
+            ),
+            "model_id": client.post(
+                TEXT2IMG, json={"key": keys["alice"], **SMALL, "model_id": "m" * (model_limit + 1)}
+            ),
+            "key_name": client.post(
+                "/api/v1/enterprise/usage",
+                json={"key": keys["admin"], "key_name": "n" * (name_limit + 1)},
+            ),
+        }
+        longest = "é" * track_limit  # characters, not bytes: 512 bytes of UTF-8
+        stored = client.post(TEXT2IMG, json={"key": keys["alice"], **SMALL, "track_id": longest})
+    failing = sorted(field for field, r in answers.items() if r.status_code >= 500)
+    record(
+        "bad input",
+        f"track_id of {track_limit + 1} characters, model_id and usage's key_name of "
+        f"{model_limit + 1} (one past their PostgreSQL columns); a track_id of exactly "
+        f"{track_limit} two-byte characters",
+        f"OPEN: HTTP 500 for {', '.join(failing)}"
+        if failing
+        else "named error with the limit for each; the longest track_id is served and stored",
+    )
+    assert not failing
+    for field, answer in answers.items():
+        assert answer.json()["status"] == "error", (field, answer.json())
+        assert answer.json()["message"].startswith(f"{field} must be at most "), answer.json()
+    assert stored.json()["status"] == "success", stored.json()
+    assert postgres_api.service.jobs.get(stored.json()["id"]).track_id == longest
 
 
 def test_request_id_beyond_64_bits(api, client, record):

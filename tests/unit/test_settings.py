@@ -27,6 +27,8 @@ from service.config import Settings
             {"models": {"stable-diffu": {"path": "m", "default_steps": 80}}},
             "models.stable-diffu.default_steps 80 is above max_steps 50",
         ),
+        ({"max_samples": 100}, "max_samples must be between 1 and 99"),
+        ({"max_samples": 0}, "max_samples must be between 1 and 99"),
     ],
 )
 def test_unusable_settings_are_refused_with_the_rule(fields, message):
@@ -63,3 +65,22 @@ def test_a_mistyped_variable_is_named_with_the_setting_it_resembles(monkeypatch,
     assert warnings == [
         "SDSERVE_MODEL is not an sdserve setting: ignored; did you mean SDSERVE_MODELS?"
     ]
+
+
+def test_max_samples_is_bounded_by_the_output_names():
+    """The store serves only `{32 hex}-{index}` names with an index of at most two digits:
+    every image of the largest request allowed must have a name it serves."""
+    from service.store.images import IMAGE_NAME, output_names
+
+    largest = Settings(max_samples=99).max_samples
+    names = output_names("0" * 32, largest, as_base64=False, temp=False)
+    assert all(IMAGE_NAME.fullmatch(name) for name in names)
+    with pytest.raises(ValidationError, match=f"max_samples must be between 1 and {largest}"):
+        Settings(max_samples=largest + 1)
+
+
+def test_the_cli_names_a_max_samples_too_large(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("SDSERVE_DATABASE_URL", f"sqlite:///{tmp_path}/db.sqlite")
+    monkeypatch.setenv("SDSERVE_MAX_SAMPLES", "150")
+    assert main(["keys", "list"]) == 2
+    assert "max_samples: max_samples must be between 1 and 99" in capsys.readouterr().err
