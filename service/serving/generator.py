@@ -61,6 +61,11 @@ def split_by_images(batch: list[int], samples: list[int], max_images: int) -> li
     return chunks
 
 
+class ReplicaUnusable(RuntimeError):
+    """This replica's accelerator hit an unrecoverable error: the request did not run here,
+    and the ingress sends it again, to the replica that replaces this one or another."""
+
+
 class Generator:
     """Holds the diffusion engine. `batching="request"`: `@serve.batch` collects requests,
     which are grouped by `GenerationParams.batch_key()` so that each group is one pipeline
@@ -129,7 +134,8 @@ class Generator:
         # that one cancelled anywhere leaves it exactly once.
         self._waiting: set[object] = set()
         self._calls = threading.Lock()  # request mode: one pipeline call, warm-up or unload
-        self._unusable: str | None = None
+        self._unusable: str | None = None  # a fatal device error: refuse work until replaced
+        self._restart_requested = False  # still works, but fails health checks to be replaced
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._steps: StepBatching | None = None
@@ -189,7 +195,12 @@ class Generator:
             self.metrics.stage("model_load", model_id, time.perf_counter() - started)
         return model_id
 
+    def _refuse_if_unusable(self) -> None:
+        if self._unusable is not None:
+            raise ReplicaUnusable(f"generator replica unusable: {self._unusable}")
+
     async def generate(self, params: GenerationParams) -> GenerationOutput:
+        self._refuse_if_unusable()
         ticket = object()
         self._waiting.add(ticket)
         self.metrics.set_queue_depth(len(self._waiting))
@@ -260,6 +271,7 @@ class Generator:
     async def generate_many(self, batch: list[GenerationParams]) -> list:
         """Requests the ingress sent in one call (see GeneratorFleet): each is generated as if
         it had come alone; a failed one gets its exception in its place."""
+        self._refuse_if_unusable()  # the whole call, so that the ingress sends it elsewhere
         results = await asyncio.gather(
             *(self.generate(params) for params in batch), return_exceptions=True
         )
@@ -287,7 +299,7 @@ class Generator:
     def request_restart(self) -> dict:
         """Fail the next health check, so Serve replaces this replica; requests that were
         queued here are retried by the ingress on the replacement."""
-        self._unusable = "restart requested"
+        self._restart_requested = True
         return self.details()
 
     def _unload(self, model_id: str) -> bool:
@@ -316,17 +328,20 @@ class Generator:
             "loaded_models": self.engine.loaded_models(),
             "queue_depth": self._steps.queue_depth() if self._steps else len(self._waiting),
             "batching": "step" if self._steps else "request",
-            "healthy": self._unusable is None,
+            "healthy": self._unusable is None and not self._restart_requested,
         }
 
     def ready(self) -> bool:
         """Models loaded and warmed (the constructor has returned) and no fatal error seen."""
-        return self._unusable is None
+        return self._unusable is None and not self._restart_requested
 
     def check_health(self) -> None:
-        """Serve restarts a replica whose accelerator hit an unrecoverable error."""
+        """Serve restarts a replica whose accelerator hit an unrecoverable error, or that was
+        asked to restart."""
         if self._unusable is not None:
             raise RuntimeError(f"generator unusable: {self._unusable}")
+        if self._restart_requested:
+            raise RuntimeError("generator restart requested")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)
     async def _batched(self, items: list[tuple[GenerationParams, float, object]]) -> list:

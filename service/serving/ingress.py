@@ -20,6 +20,7 @@ from service.engine.protocol import GenerationOutput, GenerationParams
 from service.metrics import get_metrics
 from service.pricing import Plan, PriceList
 from service.registry import ModelRegistry
+from service.serving.generator import ReplicaUnusable
 from service.store.db import make_engine, make_sessionmaker, migrate
 from service.store.errors import KeyNameTaken
 from service.store.images import ImageStore
@@ -33,9 +34,10 @@ READY_TIMEOUT_S = 5.0
 IO_THREADS = 32
 REPLICA_ATTEMPTS = 3
 REPLICA_RETRY_DELAY_S = 1.0
-# A replica that died or was replaced mid-request: the request never ran to completion there,
-# so it is safe to send it again (seeds make the result the same).
-REPLICA_GONE = (RayActorError, ActorUnavailableError)
+# A replica that died, was replaced mid-request, or refused the request as unusable: the
+# request never ran to completion there, so it is safe to send it again (seeds make the result
+# the same).
+REPLICA_GONE = (RayActorError, ActorUnavailableError, ReplicaUnusable)
 
 
 def build_image_service(settings: Settings, generate, metrics=None) -> ImageService:

@@ -165,3 +165,29 @@ def test_one_request_per_call_when_asked():
 
     handle, seeds = run(scenario())
     assert seeds == [1, 2] and handle.single_calls == [1, 2] and handle.calls == []
+
+
+def test_a_call_an_unusable_replica_refused_is_sent_again():
+    from service.serving.generator import ReplicaUnusable
+
+    async def scenario():
+        handle = FakeHandle()
+        refusals = [ReplicaUnusable("generator replica unusable: CUDA error")]
+        many = _Bound._many
+
+        async def refusing(self, batch):
+            if refusals:
+                self.fake.calls.append((self.model_id, [p.seed for p in batch]))
+                raise refusals.pop()
+            return await many(self, batch)
+
+        _Bound._many = refusing
+        try:
+            fleet = GeneratorFleet(handle, max_per_call=8, window_s=0.01)
+            outputs = await asyncio.gather(*(fleet.generate(params(s)) for s in (1, 2)))
+        finally:
+            _Bound._many = many
+        assert [o.seed for o in outputs] == [1, 2]
+        assert handle.calls == [("m1", [1, 2]), ("m1", [1, 2])]
+
+    run(scenario())

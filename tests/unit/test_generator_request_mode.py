@@ -95,3 +95,37 @@ def test_a_warm_up_waits_for_the_running_pipeline_call(generator, monkeypatch):
 
     asyncio.run(scenario())
     assert events == ["batch starts", "batch ends", "warm-up"]
+
+
+def test_an_unusable_replica_refuses_work_so_that_it_is_sent_elsewhere(generator):
+    """After a fatal device error a replica runs nothing more: each request and each gathered
+    call is refused with ReplicaUnusable, which the ingress retries on another replica."""
+    from service.serving.generator import ReplicaUnusable
+    from service.serving.ingress import REPLICA_GONE
+
+    params = GenerationParams(prompt="x", model_id="stable-diffu", width=64, height=64)
+
+    async def warm(model_id):
+        return model_id
+
+    async def scenario():  # one event loop: @serve.batch's queue belongs to the first
+        generator._get_model = warm
+        generator._note_fatal(RuntimeError("CUDA error: an illegal memory access was encountered"))
+        with pytest.raises(ReplicaUnusable, match="illegal memory access") as refused:
+            await generator.generate(params)
+        assert isinstance(refused.value, REPLICA_GONE)
+        with pytest.raises(ReplicaUnusable):
+            await generator.generate_many([params, params])
+
+    asyncio.run(scenario())
+    assert generator.details()["queue_depth"] == 0
+    with pytest.raises(RuntimeError, match="unusable"):
+        generator.check_health()
+
+
+def test_a_replica_asked_to_restart_still_serves_until_it_is_replaced(generator):
+    generator.request_restart()
+    with pytest.raises(RuntimeError, match="restart requested"):
+        generator.check_health()
+    assert generator.ready() is False and generator.details()["healthy"] is False
+    generator._refuse_if_unusable()  # its work still runs: it is healthy, only being replaced
