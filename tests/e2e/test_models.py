@@ -212,9 +212,7 @@ def test_a_custom_vae_decodes_only_the_requests_that_name_it(fleet):
 
     unknown = generate(base_url, vae="kl-f8")
     assert unknown["meta"]["vae"] is None
-    assert unknown["meta"]["not_applied"] == [
-        "vae 'kl-f8' (not available; available VAEs: crisp)"
-    ]
+    assert unknown["meta"]["not_applied"] == ["vae 'kl-f8' (not available; available VAEs: crisp)"]
     assert np.array_equal(pixels(unknown), pixels(plain))
 
 
