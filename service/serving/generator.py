@@ -8,7 +8,7 @@ import logging
 import pickle
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from ray import serve
 
@@ -133,6 +133,7 @@ class Generator:
         # Requests not yet in a batch (model load, checks, @serve.batch's queue): a set, so
         # that one cancelled anywhere leaves it exactly once.
         self._waiting: set[object] = set()
+        self._in_use: Counter[str] = Counter()  # model id -> its requests on this replica
         self._calls = threading.Lock()  # request mode: one pipeline call, warm-up or unload
         self._unusable: str | None = None  # a fatal device error: refuse work until replaced
         self._restart_requested = False  # still works, but fails health checks to be replaced
@@ -204,6 +205,15 @@ class Generator:
         ticket = object()
         self._waiting.add(ticket)
         self.metrics.set_queue_depth(len(self._waiting))
+        self._in_use[params.model_id] += 1
+        try:
+            return await self._generate_here(params, ticket)
+        finally:
+            self._in_use[params.model_id] -= 1
+            if not self._in_use[params.model_id]:
+                del self._in_use[params.model_id]
+
+    async def _generate_here(self, params: GenerationParams, ticket: object) -> GenerationOutput:
         try:
             await self._get_model(params.model_id)
             checked = params.embeddings or params.vae is not None
@@ -268,14 +278,24 @@ class Generator:
         self.metrics.safety_checked(params.model_id, sum(flags), len(flags) - sum(flags))
         return output
 
-    async def generate_many(self, batch: list[GenerationParams]) -> list:
-        """Requests the ingress sent in one call (see GeneratorFleet): each is generated as if
-        it had come alone; a failed one gets its exception in its place."""
+    async def generate_stream(self, batch: list[GenerationParams]):
+        """Requests the ingress sent in one call (see GeneratorFleet), each generated as if it
+        had come alone: yields (index, output) as each finishes, a failed one's exception in
+        place of its output, so that no request waits for a slower one. Closed early (the
+        caller cancelled), it cancels the requests still running."""
         self._refuse_if_unusable()  # the whole call, so that the ingress sends it elsewhere
-        results = await asyncio.gather(
-            *(self.generate(params) for params in batch), return_exceptions=True
-        )
-        return [_sendable(r) if isinstance(r, BaseException) else r for r in results]
+        tasks = [asyncio.ensure_future(self.generate(params)) for params in batch]
+        index = {task: i for i, task in enumerate(tasks)}
+        pending = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=index.__getitem__):
+                    error = task.exception()
+                    yield index[task], task.result() if error is None else _sendable(error)
+        finally:
+            for task in pending:
+                task.cancel()
 
     # ---- what the enterprise routes ask of a replica -------------------------------------------
 
@@ -288,8 +308,12 @@ class Generator:
         return {"model_id": model_id, "seconds": round(seconds, 3), **self.details()}
 
     def clear_cache(self) -> dict:
-        """Unload every pipeline no waiting request needs; give cached GPU memory back."""
-        unloaded = [m for m in self.engine.loaded_models() if self._unload(m)]
+        """Unload every pipeline no request on this replica needs (one a running batch needs
+        would be loaded again inside its next step, stalling every batch); give cached GPU
+        memory back."""
+        unloaded = [
+            m for m in self.engine.loaded_models() if not self._in_use.get(m) and self._unload(m)
+        ]
         if self.device.startswith("cuda"):
             import torch
 

@@ -76,8 +76,9 @@ class GeneratorFleet:
 
     Requests for one model that arrive within `window_s` of each other travel in one Ray call
     (up to `max_per_call`): a Serve call costs both replicas milliseconds of CPU, more than
-    the ingress's own work per request. The generator takes each request of a call into its
-    batching as if it had come alone, and a failure fails only its own request.
+    the ingress's own work per request. The call streams each request's answer back as it is
+    ready, so a short request never waits for a long one it travelled with; a failure fails
+    only its own request.
     """
 
     def __init__(self, handle: DeploymentHandle, *, max_per_call: int = 1, window_s: float = 0):
@@ -87,13 +88,15 @@ class GeneratorFleet:
         self._gathering: dict[str, _Call] = {}
         self._sent: set[asyncio.Task] = set()
 
-    def _for_model(self, model_id: str) -> DeploymentHandle:
+    def _for_model(self, model_id: str, stream: bool = False) -> DeploymentHandle:
+        if stream:
+            return self._handle.options(multiplexed_model_id=model_id, stream=True)
         return self._handle.options(multiplexed_model_id=model_id)
 
     async def generate(self, params: GenerationParams) -> GenerationOutput:
         if self._max_per_call <= 1:
             return await _with_replica_retries(
-                lambda: self._for_model(params.model_id).generate.remote(params)
+                lambda: self._for_model(params.model_id).generate.remote(params), _answer
             )
         loop = asyncio.get_running_loop()
         call = self._gathering.get(params.model_id)
@@ -128,10 +131,21 @@ class GeneratorFleet:
         def send():
             # a retry carries only the requests still waiting
             call.live = [(p, a) for p, a in call.waiting if not a.done()]
-            return self._for_model(call.model_id).generate_many.remote([p for p, _ in call.live])
+            stream = self._for_model(call.model_id, stream=True)
+            return stream.generate_stream.remote([p for p, _ in call.live])
+
+        async def answer_each(stream) -> None:
+            async for index, result in stream:
+                answer = call.live[index][1]
+                if answer.done():
+                    continue
+                if isinstance(result, BaseException):
+                    answer.set_exception(result)
+                else:
+                    answer.set_result(result)
 
         try:
-            results = await _with_replica_retries(send)
+            await _with_replica_retries(send, answer_each)
         except asyncio.CancelledError:
             for _, answer in call.waiting:
                 answer.cancel()
@@ -141,13 +155,9 @@ class GeneratorFleet:
                 if not answer.done():
                     answer.set_exception(exc)
             return
-        for (_, answer), result in zip(call.live, results, strict=True):
-            if answer.done():
-                continue
-            if isinstance(result, BaseException):
-                answer.set_exception(result)
-            else:
-                answer.set_result(result)
+        for _, answer in call.live:  # the stream ended without them: never left unanswered
+            if not answer.done():
+                answer.set_exception(RuntimeError("the generator's answer stream ended early"))
 
     async def ready(self) -> bool:
         try:
@@ -178,11 +188,20 @@ class _Call:
         self.task: asyncio.Task | None = None
 
 
-async def _with_replica_retries(send):
-    """`send()` and await its answer; again (a new call) while the replica it went to died."""
+async def _answer(response):
+    return await response
+
+
+async def _with_replica_retries(send, consume):
+    """`consume(send())`: again (a new call) while the replica it went to died. Cancelled, it
+    cancels the call itself: Serve does not stop a request whose caller stopped waiting."""
     for attempt in range(1, REPLICA_ATTEMPTS + 1):
+        response = send()
         try:
-            return await send()
+            return await consume(response)
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
         except REPLICA_GONE as exc:
             if attempt == REPLICA_ATTEMPTS:
                 raise

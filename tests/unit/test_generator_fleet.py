@@ -19,9 +19,11 @@ def params(seed: int, model_id: str = "m1") -> GenerationParams:
 
 
 class FakeHandle:
-    """Answers `generate_many` with one output per request (seed echoed), after `delay_s`;
-    a request whose seed is in `fail_seeds` gets an exception in its place; the first
-    `replica_losses` calls die as a lost replica would."""
+    """Streams `generate_stream`'s answers back like Serve does: each request's output (seed
+    echoed) after `delay_s` plus its own `num_inference_steps` hundredths of a second, in the
+    order they finish; a request whose seed is in `fail_seeds` gets an exception in its place;
+    the first `replica_losses` calls die as a lost replica would. As with Serve, a caller that
+    stops waiting does not stop the call: only `cancel()` on the response does."""
 
     def __init__(self, delay_s: float = 0.01):
         self.delay_s = delay_s
@@ -30,8 +32,9 @@ class FakeHandle:
         self.fail_seeds: set[int] = set()
         self.replica_losses = 0
         self.cancelled = 0
+        self.finished: list[int] = []  # seeds, in the order the generator finished them
 
-    def options(self, multiplexed_model_id: str):
+    def options(self, multiplexed_model_id: str, stream: bool = False):
         return _Bound(self, multiplexed_model_id)
 
 
@@ -40,30 +43,71 @@ class _Bound:
 
     def __init__(self, fake: FakeHandle, model_id: str):
         self.fake, self.model_id = fake, model_id
-        self.generate_many = _Method(self._many)
-        self.generate = _Method(self._one)
+        self.generate_stream = _Method(lambda batch: _Stream(self._stream(batch)))
+        self.generate = _Method(lambda p: asyncio.ensure_future(self._one(p)))
 
-    async def _many(self, batch: list[GenerationParams]):
+    async def _stream(self, batch: list[GenerationParams]):
         fake = self.fake
         fake.calls.append((self.model_id, [p.seed for p in batch]))
         if fake.replica_losses:
             fake.replica_losses -= 1
             raise ActorUnavailableError("replica gone", b"0" * 16)
+
+        async def one(p):
+            await asyncio.sleep(fake.delay_s + p.num_inference_steps / 100)
+            fake.finished.append(p.seed)
+            if p.seed in fake.fail_seeds:
+                return ValueError(f"bad seed {p.seed}")
+            return GenerationOutput(images=[], seed=p.seed)
+
+        tasks = {asyncio.ensure_future(one(p)): i for i, p in enumerate(batch)}
+        pending = set(tasks)
         try:
-            await asyncio.sleep(fake.delay_s)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=tasks.__getitem__):
+                    yield tasks[task], task.result()
         except asyncio.CancelledError:
             fake.cancelled += 1
             raise
-        return [
-            ValueError(f"bad seed {p.seed}")
-            if p.seed in fake.fail_seeds
-            else GenerationOutput(images=[], seed=p.seed)
-            for p in batch
-        ]
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def _one(self, p: GenerationParams):
         self.fake.single_calls.append(p.seed)
         return GenerationOutput(images=[], seed=p.seed)
+
+
+class _Stream:
+    """A DeploymentResponseGenerator: async-iterable, cancellable; runs on its own task."""
+
+    def __init__(self, agen):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task = asyncio.ensure_future(self._pump(agen))
+
+    async def _pump(self, agen):
+        try:
+            async for item in agen:
+                await self._queue.put(("item", item))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await self._queue.put(("error", exc))
+            return
+        await self._queue.put(("end", None))
+
+    def cancel(self):
+        self._task.cancel()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        kind, value = await self._queue.get()
+        if kind == "item":
+            return value
+        if kind == "end":
+            raise StopAsyncIteration
+        raise value
 
 
 class _Method:
@@ -167,27 +211,85 @@ def test_one_request_per_call_when_asked():
     assert seeds == [1, 2] and handle.single_calls == [1, 2] and handle.calls == []
 
 
-def test_a_call_an_unusable_replica_refused_is_sent_again():
+def test_a_call_an_unusable_replica_refused_is_sent_again(monkeypatch):
     from service.serving.generator import ReplicaUnusable
+
+    original = _Bound._stream
+    refusals = [ReplicaUnusable("generator replica unusable: CUDA error")]
+
+    async def refusing(self, batch):
+        if refusals:
+            self.fake.calls.append((self.model_id, [p.seed for p in batch]))
+            raise refusals.pop()
+        async for item in original(self, batch):
+            yield item
+
+    monkeypatch.setattr(_Bound, "_stream", refusing)
 
     async def scenario():
         handle = FakeHandle()
-        refusals = [ReplicaUnusable("generator replica unusable: CUDA error")]
-        many = _Bound._many
-
-        async def refusing(self, batch):
-            if refusals:
-                self.fake.calls.append((self.model_id, [p.seed for p in batch]))
-                raise refusals.pop()
-            return await many(self, batch)
-
-        _Bound._many = refusing
-        try:
-            fleet = GeneratorFleet(handle, max_per_call=8, window_s=0.01)
-            outputs = await asyncio.gather(*(fleet.generate(params(s)) for s in (1, 2)))
-        finally:
-            _Bound._many = many
+        fleet = GeneratorFleet(handle, max_per_call=8, window_s=0.01)
+        outputs = await asyncio.gather(*(fleet.generate(params(s)) for s in (1, 2)))
         assert [o.seed for o in outputs] == [1, 2]
         assert handle.calls == [("m1", [1, 2]), ("m1", [1, 2])]
+
+    run(scenario())
+
+
+def test_each_request_of_a_shared_call_is_answered_when_it_is_ready():
+    """A 2-step request that travelled with a 50-step one is answered when its own image is
+    done, not when the call's slowest is."""
+
+    async def scenario():
+        handle = FakeHandle(delay_s=0.0)
+        fleet = GeneratorFleet(handle, max_per_call=8, window_s=0.01)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answered: dict[int, float] = {}
+
+        async def timed(seed: int, steps: int):
+            p = GenerationParams(
+                prompt="p",
+                model_id="m1",
+                seed=seed,
+                width=64,
+                height=64,
+                num_inference_steps=steps,
+            )
+            await fleet.generate(p)
+            answered[seed] = loop.time() - started
+
+        await asyncio.gather(timed(1, 50), timed(2, 2))
+        assert handle.calls == [("m1", [1, 2])]  # one call
+        assert answered[2] < 0.2 < answered[1]
+
+    run(scenario())
+
+
+def test_a_cancelled_call_is_stopped_on_the_generator(monkeypatch):
+    """Serve does not stop a call whose caller stopped waiting: the fleet cancels it, whether
+    the request went alone or in a shared call."""
+
+    async def slow_one(self, p):
+        try:
+            await asyncio.sleep(0.3)
+        except asyncio.CancelledError:
+            self.fake.cancelled += 1
+            raise
+        self.fake.finished.append(p.seed)
+        return GenerationOutput(images=[], seed=p.seed)
+
+    monkeypatch.setattr(_Bound, "_one", slow_one)
+
+    async def scenario():
+        for max_per_call in (1, 8):
+            handle = FakeHandle(delay_s=0.3)
+            fleet = GeneratorFleet(handle, max_per_call=max_per_call, window_s=0.0)
+            job = asyncio.create_task(fleet.generate(params(1)))
+            await asyncio.sleep(0.05)
+            job.cancel()
+            await asyncio.sleep(0.4)
+            assert handle.cancelled == 1, max_per_call
+            assert handle.finished == [], max_per_call
 
     run(scenario())

@@ -98,7 +98,7 @@ def test_a_warm_up_waits_for_the_running_pipeline_call(generator, monkeypatch):
 
 
 def test_an_unusable_replica_refuses_work_so_that_it_is_sent_elsewhere(generator):
-    """After a fatal device error a replica runs nothing more: each request and each gathered
+    """After a fatal device error a replica runs nothing more: each request and each shared
     call is refused with ReplicaUnusable, which the ingress retries on another replica."""
     from service.serving.generator import ReplicaUnusable
     from service.serving.ingress import REPLICA_GONE
@@ -115,7 +115,8 @@ def test_an_unusable_replica_refuses_work_so_that_it_is_sent_elsewhere(generator
             await generator.generate(params)
         assert isinstance(refused.value, REPLICA_GONE)
         with pytest.raises(ReplicaUnusable):
-            await generator.generate_many([params, params])
+            async for _ in generator.generate_stream([params, params]):
+                pass
 
     asyncio.run(scenario())
     assert generator.details()["queue_depth"] == 0
@@ -129,3 +130,25 @@ def test_a_replica_asked_to_restart_still_serves_until_it_is_replaced(generator)
         generator.check_health()
     assert generator.ready() is False and generator.details()["healthy"] is False
     generator._refuse_if_unusable()  # its work still runs: it is healthy, only being replaced
+
+
+def test_clear_cache_keeps_the_models_of_requests_on_the_replica(generator):
+    params = GenerationParams(prompt="x", model_id="stable-diffu", width=64, height=64)
+
+    async def scenario():
+        async def cold_load(model_id):
+            await asyncio.sleep(1.0)
+            return model_id
+
+        generator.engine.load("stable-diffu")
+        generator._get_model = cold_load
+        request = asyncio.create_task(generator.generate(params))
+        await asyncio.sleep(0.1)
+        kept = generator.clear_cache()
+        request.cancel()
+        await asyncio.gather(request, return_exceptions=True)
+        return kept, generator.clear_cache()
+
+    kept, cleared = asyncio.run(scenario())
+    assert kept["unloaded"] == [] and kept["loaded_models"] == ["stable-diffu"]
+    assert cleared["unloaded"] == ["stable-diffu"] and cleared["loaded_models"] == []
