@@ -597,7 +597,8 @@ class ImageService:
         """One round: heartbeat the running jobs, then re-dispatch (or fail and refund, after
         `max_job_attempts`) every processing job whose owner stopped beating. Returns the ids
         re-dispatched and failed."""
-        await asyncio.to_thread(self.jobs.heartbeat, self.owner, list(self._running))
+        lost = await asyncio.to_thread(self.jobs.heartbeat, self.owner, list(self._running))
+        await self._stop_lost_jobs(lost)
         claimed, failed = await asyncio.to_thread(
             self.jobs.claim_orphans,
             self.owner,
@@ -623,6 +624,22 @@ class ImageService:
             if job.webhook:
                 self._notify(job.id)
         return [job.id for job in claimed], failed
+
+    async def _stop_lost_jobs(self, job_ids: list[int]) -> None:
+        """Stop generating jobs that ended elsewhere (clear_queue on another replica) or were
+        taken over: their outcome is no longer this replica's, and the GPU time is another
+        request's. A job that ended here as a success is left alone (its webhook may be going
+        out)."""
+        for job_id in job_ids:
+            task = self._running.get(job_id)
+            if task is None or task.done():
+                continue
+            current = await asyncio.to_thread(self.jobs.get, job_id)
+            if current is None or current.status is JobStatus.SUCCESS:
+                continue
+            if current.status is JobStatus.FAILED or current.owner != self.owner:
+                log.info("job %s ended or moved elsewhere; stopping its generation", job_id)
+                task.cancel()
 
     def _notify(self, job_id: int) -> None:
         hook = asyncio.create_task(self._deliver_webhook(job_id))

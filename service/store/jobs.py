@@ -310,12 +310,13 @@ class JobStore:
             )
             return [JobRecord.of(job) for job in jobs]
 
-    def heartbeat(self, owner: str, job_ids: list[int]) -> None:
-        """Say that `owner` is still running these jobs."""
+    def heartbeat(self, owner: str, job_ids: list[int]) -> list[int]:
+        """Say that `owner` is still running these jobs; returns those of them it no longer
+        runs by the database's account (ended elsewhere, or taken over)."""
         if not job_ids:
-            return
+            return []
         with self._sessions.begin() as session:
-            session.execute(
+            beaten = session.scalars(
                 update(Job)
                 .where(
                     Job.id.in_(job_ids),
@@ -323,7 +324,10 @@ class JobStore:
                     Job.status == JobStatus.PROCESSING.value,
                 )
                 .values(heartbeat_at=self._clock())
+                .returning(Job.id)
             )
+            alive = set(beaten)
+        return [job_id for job_id in job_ids if job_id not in alive]
 
     def claim_orphans(
         self, owner: str, stale_after_s: float, max_attempts: int

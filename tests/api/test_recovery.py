@@ -443,3 +443,36 @@ def test_a_failed_background_job_is_not_reported_as_an_unretrieved_task_error(se
         asyncio.run(scenario())
         gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_a_job_cleared_on_another_replica_stops_generating_here(settings):
+    """clear_queue on one replica fails a job another replica generates: that replica's next
+    heartbeat round sees it and stops the generation, instead of finishing it for nothing."""
+
+    async def scenario():
+        stopped = asyncio.Event()
+
+        async def until_cancelled(params):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                stopped.set()
+                raise
+            raise AssertionError("unreachable")
+
+        running = build_image_service(settings, until_cancelled)
+        [job_id] = await accept(running, 1)
+        task = running._running[job_id]
+        assert await running.maintain_once() == ([], [])
+        assert not task.done()  # its own, still processing: left running
+
+        clearing = build_image_service(settings, works)
+        assert (await clearing.clear_queue())["ids"] == [job_id]
+        await running.maintain_once()
+        await asyncio.sleep(0)
+        assert stopped.is_set() and task.cancelled()
+        assert running.jobs.get(job_id).status is JobStatus.FAILED
+        assert running.keys.find("demo").balance == Decimal(1)
+        await running.drain()
+
+    asyncio.run(scenario())
