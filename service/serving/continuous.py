@@ -79,6 +79,11 @@ class StepBatching:
 
     async def generate(self, params: GenerationParams) -> GenerationOutput:
         """Submit and wait; a cancelled caller's request leaves the batch at the next step."""
+        if params.vae is not None or params.embeddings:
+            # Checking these loads files (a custom VAE onto the device): off the event loop,
+            # which every other request of this replica is waiting on. Submitting checks again,
+            # from what is then cached.
+            await asyncio.to_thread(self.batcher.engine.check_request, params)
         future = self.batcher.submit(params)
         self.metrics.set_queue_depth(self.queue_depth())
         return await asyncio.wrap_future(future)
