@@ -18,6 +18,7 @@ import gc
 import inspect
 import itertools
 import json
+import logging
 import re
 import threading
 import time
@@ -52,6 +53,8 @@ from service.engine.self_attention_guidance import (
 )
 from service.engine.token_merging import TokenMerging
 from service.engine.vaes import VaeLibrary, decode_with
+
+log = logging.getLogger(__name__)
 
 CLIP_MAX_TOKENS = 77  # CLIP's context, BOS and EOS included
 
@@ -191,9 +194,18 @@ class Engine:
                     path, local_files_only=True, dtype=self.dtype
                 )
             except Exception as exc:
+                # The message reaches clients (a job's message, its webhook): the folder and the
+                # loader's own text, which names server paths, go to the log only.
+                log.error(
+                    "model_id %r could not be loaded from %s: %s: %s",
+                    model_id,
+                    path,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                )
                 raise ModelLoadError(
-                    f"model_id {model_id!r} could not be loaded from {path}: "
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    f"model_id {model_id!r} could not be loaded ({type(exc).__name__}; the "
+                    "server log names the folder and the cause)"
                 ) from exc
             pipe.to(self.device)
             pipe.set_progress_bar_config(disable=True)

@@ -12,6 +12,7 @@ Entries of the folder (`SDSERVE_VAE_DIR`):
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 
 from service.engine.checkpoint import compare_state_dicts
+
+log = logging.getLogger(__name__)
 
 
 class VaeError(ValueError):
@@ -94,9 +97,18 @@ class VaeLibrary:
                 if not problems:
                     vae.load_state_dict(state, strict=True)
         except Exception as exc:
+            # Clients see the message (a job's message): server paths go to the log only.
+            log.error(
+                "vae %r could not be loaded for model %r from %s: %s: %s",
+                vae_id,
+                model_id,
+                path,
+                type(exc).__name__,
+                _first_line(exc),
+            )
             raise VaeError(
-                f"vae {vae_id!r} could not be loaded for model {model_id!r} from {path}: "
-                f"{type(exc).__name__}: {_first_line(exc)}"
+                f"vae {vae_id!r} could not be loaded for model {model_id!r} "
+                f"({type(exc).__name__}; the server log names the file and the cause)"
             ) from exc
         if problems:
             raise VaeError(

@@ -119,6 +119,7 @@ def test_unknown_lora_and_corrupt_model_are_clear_errors(fleet):
     broken = generate(base_url, model_id="broken")
     assert broken["status"] == "failed"
     assert "model_id 'broken' could not be loaded" in broken["message"]
+    assert "/" not in broken["message"]  # no server path reaches the client
     assert generate(base_url)["status"] == "success"
 
 

@@ -98,9 +98,12 @@ def test_unknown_and_misfit_loras_are_clear_errors_and_leave_the_model_clean(eng
     assert not np.array_equal(image(engine, request(loras=[("style", 1.0)])), base)
 
 
-def test_corrupt_model_is_a_clear_error_and_others_keep_working(engine):
-    with pytest.raises(ModelLoadError, match="model_id 'broken' could not be loaded"):
+def test_corrupt_model_is_a_clear_error_and_others_keep_working(engine, caplog):
+    with pytest.raises(ModelLoadError, match="model_id 'broken' could not be loaded") as error:
         image(engine, request("broken"))
+    folder = str(engine.model_paths["broken"])
+    assert folder not in str(error.value)  # a job's message: no server path
+    assert folder in caplog.text  # the operator's log names it
     assert image(engine, request("a")).shape == (64, 64, 3)
 
 

@@ -86,8 +86,9 @@ def test_requests_with_different_vaes_share_a_batch_without_leaking(engine):
 def test_unfit_unknown_and_unreadable_vaes_are_clear_errors(engine, tmp_path):
     with pytest.raises(VaeError, match="'eight' does not fit model 'a': it decodes latents of 8"):
         image(engine, request("eight"))
-    with pytest.raises(VaeError, match="'broken' could not be loaded for model 'a'"):
+    with pytest.raises(VaeError, match="'broken' could not be loaded for model 'a'") as error:
         image(engine, request("broken"))
+    assert str(engine.vaes.paths["broken"]) not in str(error.value)  # no server path
     with pytest.raises(VaeError, match="'nope' is not available; available: broken, eight"):
         image(engine, request("nope"))
     wider = Engine(engine.model_paths, vaes={"wider": tmp_path / "w.safetensors"})
