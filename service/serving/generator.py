@@ -16,6 +16,7 @@ from service.config import Settings
 from service.engine.protocol import GenerationOutput, GenerationParams, TextToImageEngine
 from service.metrics import get_metrics, resolution_bucket
 from service.serving.continuous import StepBatching, supports_step_batching
+from service.serving.logs import route_service_logs_through_serve
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Generator:
         max_running_images: int = 16,
         admission: str = "oldest_first",
     ):
+        route_service_logs_through_serve()
         engine_class = import_object(engine)
         device = resolve_device(settings.device)
         self.device = device

@@ -21,6 +21,7 @@ from service.metrics import get_metrics
 from service.pricing import Plan, PriceList
 from service.registry import ModelRegistry
 from service.serving.generator import ReplicaUnusable
+from service.serving.logs import route_service_logs_through_serve
 from service.store.db import make_engine, make_sessionmaker, migrate
 from service.store.errors import KeyNameTaken
 from service.store.images import ImageStore
@@ -218,6 +219,7 @@ async def _with_replica_retries(send, consume):
 @serve.ingress()
 class Ingress:
     def __init__(self, generator: DeploymentHandle, settings: Settings):
+        route_service_logs_through_serve()
         self.fleet = GeneratorFleet(
             generator,
             max_per_call=settings.generator_call_max_requests,
