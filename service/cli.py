@@ -156,7 +156,10 @@ def _serve(args) -> int:
         start_serve(http_options)
         serve.run(build_app(app_args), name="sdserve", route_prefix="/")
         base = settings.public_base_url.rstrip("/")
+        listening = f"http://{host}:{port}"
         print(f"\nsdserve is serving on {base}")
+        if base != listening:  # SDSERVE_PUBLIC_BASE_URL: what clients use, not this socket
+            print(f"  listening on {listening}")
         print(f"  POST {base}/api/v6/images/text2img")
         print(f"  API docs: {base}/docs")
         print(f"  Prometheus metrics: http://{host}:{args.metrics_port}/metrics")
