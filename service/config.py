@@ -236,6 +236,13 @@ class Settings(BaseSettings):
     max_job_attempts: int = Field(
         3, ge=1, description="Attempts of a job whose server died before it is failed."
     )
+    step_stall_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="A generator whose step loop finished no step for this long while it had "
+        "work fails its health check, so Serve replaces it (a hung device). Above the longest "
+        "warm-up: a compile with an empty cache.",
+    )
     strict_http_status: bool = Field(
         False, description="Answer errors with 4xx codes instead of ModelsLab's HTTP 200."
     )

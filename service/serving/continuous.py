@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 
@@ -63,10 +64,12 @@ class StepBatching:
         self._on_fatal = on_fatal
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self._turned_at = time.monotonic()  # the loop's last turn: a step, or an idle wait
 
     def start(self) -> None:
         """Start the loop thread (after warm-up, so the first step finds a warm engine)."""
         if self._thread is None:
+            self._turned_at = time.monotonic()
             self._thread = threading.Thread(
                 target=self._loop, name="sdserve-step-loop", daemon=True
             )
@@ -97,14 +100,26 @@ class StepBatching:
         with self.batcher.exclusive():
             yield
 
+    def stalled(self, limit_s: float) -> str | None:
+        """Why the loop is stuck (its thread died, or no turn in `limit_s`), else None. An
+        idle loop turns every IDLE_WAIT_S; a hung step (a device that never answers) does not."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stopped.is_set():
+            return "the step loop thread has died"
+        since = time.monotonic() - self._turned_at
+        if since > limit_s:
+            return f"no denoising step has finished for {since:.0f} s"
+        return None
+
     def _loop(self) -> None:
         while not self._stopped.is_set():
+            self._turned_at = time.monotonic()
             try:
                 report = self.batcher.step()
             except Exception:  # step() fails requests, not itself; never let the loop die
                 log.exception("step loop iteration failed")
                 continue
             if report is None:
+                self._turned_at = time.monotonic()
                 self.batcher.wait_for_work(IDLE_WAIT_S)
 
     def _record(self, report: StepReport) -> None:

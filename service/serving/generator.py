@@ -368,6 +368,10 @@ class Generator:
             raise RuntimeError(f"generator unusable: {self._unusable}")
         if self._restart_requested:
             raise RuntimeError("generator restart requested")
+        if self._steps is not None:
+            stall = self._steps.stalled(self.settings.step_stall_timeout_s)
+            if stall is not None:
+                raise RuntimeError(f"generator step loop stuck: {stall}")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.1)
     async def _batched(self, items: list[tuple[GenerationParams, float, object]]) -> list:

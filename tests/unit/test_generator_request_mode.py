@@ -152,3 +152,17 @@ def test_clear_cache_keeps_the_models_of_requests_on_the_replica(generator):
     kept, cleared = asyncio.run(scenario())
     assert kept["unloaded"] == [] and kept["loaded_models"] == ["stable-diffu"]
     assert cleared["unloaded"] == ["stable-diffu"] and cleared["loaded_models"] == []
+
+
+def test_a_stuck_step_loop_fails_the_health_check(generator):
+    """A hung device never finishes its step: Serve replaces the replica (health check)."""
+
+    class StuckLoop:
+        def stalled(self, limit_s):
+            assert limit_s == generator.settings.step_stall_timeout_s
+            return "no denoising step has finished for 900 s"
+
+    generator.check_health()
+    generator._steps = StuckLoop()
+    with pytest.raises(RuntimeError, match="step loop stuck: no denoising step .* 900 s"):
+        generator.check_health()

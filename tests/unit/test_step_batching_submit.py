@@ -62,3 +62,35 @@ def test_a_check_that_loads_files_runs_off_the_event_loop():
     assert first[0] == "crisp" and first[1] != loop_thread  # the load, in a worker thread
     assert second[0] == "crisp"  # submit's own check, from what the first cached
     assert third == (None, loop_thread)  # nothing to load: checked on submit alone
+
+
+def make_steps(engine) -> StepBatching:
+    return StepBatching(
+        engine,
+        max_running_images=4,
+        admission="oldest_first",
+        metrics=NoMetrics(),
+        gpu_hour_price_usd=Decimal(0),
+    )
+
+
+def test_an_idle_loop_is_not_stalled_and_a_hung_step_is():
+    idle = make_steps(CheckingEngine())
+    idle.start()
+    try:
+        threading.Event().wait(2.0)
+        assert idle.stalled(1.0) is None  # waiting for work turns the loop every 0.5 s
+    finally:
+        idle.stop()
+
+    hung = make_steps(CheckingEngine())
+    release = threading.Event()
+    hung.batcher.step = lambda: release.wait()  # a device call that never returns
+    hung.start()
+    try:
+        threading.Event().wait(1.2)
+        assert "no denoising step has finished" in (hung.stalled(1.0) or "")
+        assert hung.stalled(30) is None  # within the limit: not yet
+    finally:
+        release.set()
+        hung.stop()
