@@ -101,7 +101,7 @@ class ImageService:
         self._webhooks: set[asyncio.Task] = set()
         self._known_keys: dict[str, tuple[KeyRecord, float]] = {}
         # who runs a job: its heartbeats say this process is alive (see maintain)
-        self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.owner = job_owner(socket.gethostname(), os.getpid())
 
     # ---- auth ---------------------------------------------------------------------------------
 
@@ -665,6 +665,16 @@ class ImageService:
         pending = list(self._running.values()) + list(self._webhooks)
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+OWNER_LENGTH = 64  # jobs.owner's column
+
+
+def job_owner(hostname: str, pid: int) -> str:
+    """This process's name in the jobs it runs: host, pid and a random tag, within the column.
+    Kubernetes pod names run to 63 characters; the host is cut, never the unique tail."""
+    tail = f"-{pid}-{uuid.uuid4().hex[:8]}"
+    return hostname[: OWNER_LENGTH - len(tail)] + tail
 
 
 class EndNotRecorded(Exception):

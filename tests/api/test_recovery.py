@@ -476,3 +476,18 @@ def test_a_job_cleared_on_another_replica_stops_generating_here(settings):
         await running.drain()
 
     asyncio.run(scenario())
+
+
+def test_a_long_pod_name_still_fits_the_owner_column():
+    """KubeRay worker pods have names of up to 63 characters: PostgreSQL refused the job rows
+    (HTTP 500 on every request) when the owner outgrew jobs.owner."""
+    from service.store.jobs import Job
+
+    column = Job.__table__.c.owner.type.length
+    pod = "sdserve-prod-raycluster-x7k2p-gpu-workers-worker-ab12c-abcdefgh"[:63]
+    owners = {text2img.job_owner(pod, 4194304) for _ in range(20)}
+    assert len(owners) == 20  # still unique per process
+    assert all(len(owner) <= column for owner in owners)
+    assert all(owner.startswith(pod[:40]) and "-4194304-" in owner for owner in owners)
+    short = text2img.job_owner("host", 7)
+    assert short.startswith("host-7-") and len(short) == len("host-7-") + 8
