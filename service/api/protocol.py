@@ -547,12 +547,7 @@ class Text2ImgRequest(KeyedRequest):
             default_w, default_h, default_steps = 512, 512, 30
         else:
             default_w, default_h, default_steps = model.width, model.height, model.default_steps
-        # The model's default size, like its default steps, must not fall outside the
-        # operator's bounds: a request that omits width/height is never refused for them.
-        smallest, largest = -(-settings.min_size // 8) * 8, settings.max_size // 8 * 8
-        if smallest <= largest:
-            default_w = min(max(default_w, smallest), largest)
-            default_h = min(max(default_h, smallest), largest)
+        default_w, default_h = bounded_default_size(default_w, default_h, settings)
 
         prompt = (self.prompt or "").strip()
         if not prompt:
@@ -715,6 +710,15 @@ def _parse_strengths(text: str | None) -> list[float] | None:
     except ValueError:
         return None
     return values if all(math.isfinite(v) for v in values) else None
+
+
+def bounded_default_size(width: int, height: int, settings: Settings) -> tuple[int, int]:
+    """A model's default size within the operator's bounds (multiples of 8): like its default
+    steps, a request that omits width/height is never refused for them."""
+    smallest, largest = -(-settings.min_size // 8) * 8, settings.max_size // 8 * 8
+    if smallest > largest:
+        return width, height
+    return min(max(width, smallest), largest), min(max(height, smallest), largest)
 
 
 def _is_set(value: Any) -> bool:

@@ -26,8 +26,10 @@ from service.api.protocol import (
     SystemLoadResponse,
     Text2ImgRequest,
     UsageRequest,
+    bounded_default_size,
 )
 from service.api.text2img import ImageService
+from service.registry import ModelInfo
 from service.store.images import IMAGE_NAME
 
 # Every /api/ route's 4xx and 413 error envelopes are added by service.api.docs.
@@ -190,14 +192,17 @@ async def model_list(request: Request, body: Annotated[KeyedRequest | None, Body
     """The models this server serves."""
     service = _service(request)
     await service.authenticate(body or KeyedRequest(), _headers(request))
-    return [
-        {
+    settings = service.settings
+
+    def entry(info: ModelInfo) -> dict:
+        width, height = bounded_default_size(info.width, info.height, settings)
+        return {
             "model_id": info.model_id,
             "model_name": info.model_id,
             "status": "model_ready",
             "model_category": "stable_diffusion",
-            "width": info.width,
-            "height": info.height,
+            "width": width,
+            "height": height,
             "price_per_image_usd": str(service.prices.price_per_image(info.model_id)),
             "default_steps": info.default_steps,
             "prediction_type": info.prediction_type,
@@ -205,8 +210,8 @@ async def model_list(request: Request, body: Annotated[KeyedRequest | None, Body
             "embeddings": service.registry.embedding_ids(),
             "vaes": service.registry.vae_ids(),
         }
-        for info in map(service.registry.get, service.registry.ids())
-    ]
+
+    return [entry(service.registry.get(model_id)) for model_id in service.registry.ids()]
 
 
 @router.post(

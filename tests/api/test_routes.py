@@ -569,6 +569,9 @@ def test_a_max_size_below_the_models_size_caps_the_default_size(tmp_path):
         assert body["status"] == "success", body
         assert (body["meta"]["W"], body["meta"]["H"]) == (128, 128)
         assert (engine.calls[0].width, engine.calls[0].height) == (128, 128)
+        # and model_list says the size a request without one gets
+        [listed] = post(client, "/api/v4/dreambooth/model_list").json()
+        assert (listed["width"], listed["height"]) == (128, 128)
 
 
 def test_clip_skip_beyond_the_text_encoders_depth_is_refused_before_queueing(tmp_path):
