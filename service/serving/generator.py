@@ -136,6 +136,7 @@ class Generator:
         # that one cancelled anywhere leaves it exactly once.
         self._waiting: set[object] = set()
         self._in_use: Counter[str] = Counter()  # model id -> its requests on this replica
+        self._by_token: dict[str, asyncio.Task] = {}  # shared calls' requests, for cancelling
         self._calls = threading.Lock()  # request mode: one pipeline call, warm-up or unload
         self._unusable: str | None = None  # a fatal device error: refuse work until replaced
         self._restart_requested = False  # still works, but fails health checks to be replaced
@@ -210,6 +211,11 @@ class Generator:
         self._in_use[params.model_id] += 1
         try:
             return await self._generate_here(params, ticket)
+        except Exception as exc:
+            if self._unusable is not None and not isinstance(exc, ReplicaUnusable):
+                # the device failed under it: sent again, to a working replica
+                raise ReplicaUnusable(f"generator replica unusable: {self._unusable}") from exc
+            raise
         finally:
             self._in_use[params.model_id] -= 1
             if not self._in_use[params.model_id]:
@@ -280,24 +286,42 @@ class Generator:
         self.metrics.safety_checked(params.model_id, sum(flags), len(flags) - sum(flags))
         return output
 
-    async def generate_stream(self, batch: list[GenerationParams]):
+    async def generate_stream(self, batch: list[GenerationParams], tokens: list[str] | None = None):
         """Requests the ingress sent in one call (see GeneratorFleet), each generated as if it
         had come alone: yields (index, output) as each finishes, a failed one's exception in
-        place of its output, so that no request waits for a slower one. Closed early (the
+        place of its output, so that no request waits for a slower one. `tokens` name the
+        requests for `cancel_requests`; one cancelled so yields nothing. Closed early (the
         caller cancelled), it cancels the requests still running."""
         self._refuse_if_unusable()  # the whole call, so that the ingress sends it elsewhere
         tasks = [asyncio.ensure_future(self.generate(params)) for params in batch]
         index = {task: i for i, task in enumerate(tasks)}
+        named = dict(zip(tokens or (), tasks, strict=False))
+        self._by_token.update(named)
         pending = set(tasks)
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in sorted(done, key=index.__getitem__):
+                    if task.cancelled():  # by cancel_requests: its caller has gone
+                        continue
                     error = task.exception()
                     yield index[task], task.result() if error is None else _sendable(error)
         finally:
             for task in pending:
                 task.cancel()
+            for token in named:
+                self._by_token.pop(token, None)
+
+    async def cancel_requests(self, tokens: list[str]) -> int:
+        """Stop the named requests of shared calls (the ingress broadcasts this to every
+        replica: a token not here is ignored). Returns how many were running here."""
+        cancelled = 0
+        for token in tokens:
+            task = self._by_token.get(token)
+            if task is not None and not task.done():
+                task.cancel()
+                cancelled += 1
+        return cancelled
 
     # ---- what the enterprise routes ask of a replica -------------------------------------------
 

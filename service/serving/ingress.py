@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from decimal import Decimal
 
 from ray import serve
@@ -35,6 +38,11 @@ READY_TIMEOUT_S = 5.0
 IO_THREADS = 32
 REPLICA_ATTEMPTS = 3
 REPLICA_RETRY_DELAY_S = 1.0
+# A replica that refuses as unusable stays routable until it fails 3 health checks (10 s
+# apart by default); its replacement then loads and warms its models.
+UNUSABLE_RETRY_S = 180.0
+UNUSABLE_RETRY_DELAY_S = 5.0
+CANCEL_TIMEOUT_S = 10.0
 # A replica that died, was replaced mid-request, or refused the request as unusable: the
 # request never ran to completion there, so it is safe to send it again (seeds make the result
 # the same).
@@ -104,17 +112,35 @@ class GeneratorFleet:
         if call is None:
             call = self._gathering[params.model_id] = _Call(params.model_id)
             loop.call_later(self._window_s, self._send, call)
-        answer = loop.create_future()
-        call.waiting.append((params, answer))
+        request = _Request(params, loop.create_future(), uuid.uuid4().hex)
+        call.waiting.append(request)
         if len(call.waiting) >= self._max_per_call:
             self._send(call)
         try:
-            return await answer
+            return await request.answer
         except asyncio.CancelledError:
-            # the last request of a sent call gone (clear_queue, client away): stop the call
-            if call.task is not None and all(a.cancelled() for _, a in call.waiting):
-                call.task.cancel()
+            # clear_queue, or the job moved elsewhere: stop its work on the generator
+            if call.task is not None and not call.task.done():
+                if all(r.answer.done() for r in call.waiting):
+                    call.task.cancel()  # nothing of the call is still wanted: stop it whole
+                else:
+                    self._in_background(self._cancel_on_generators([request.token]))
             raise
+
+    async def _cancel_on_generators(self, tokens: list[str]) -> None:
+        """Cancel requests of a shared call that others of it still run: the call streams on,
+        so the replica holding them is told directly (every replica is, being rare)."""
+        try:
+            await self._handle.broadcast("cancel_requests", tokens).results_async(
+                timeout_s=CANCEL_TIMEOUT_S, return_exceptions=True
+            )
+        except Exception:
+            log.exception("cancelling %d requests on the generators failed", len(tokens))
+
+    def _in_background(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._sent.add(task)
+        task.add_done_callback(self._sent.discard)
 
     def _send(self, call: _Call) -> None:
         if call.task is not None:
@@ -126,39 +152,47 @@ class GeneratorFleet:
         call.task.add_done_callback(self._sent.discard)
 
     async def _run(self, call: _Call) -> None:
-        if all(answer.done() for _, answer in call.waiting):
-            return  # every request of it was cancelled before it left
-
         def send():
-            # a retry carries only the requests still waiting
-            call.live = [(p, a) for p, a in call.waiting if not a.done()]
+            # a retry carries only the requests still waiting; none left, nothing to send
+            call.live = [r for r in call.waiting if not r.answer.done()]
+            if not call.live:
+                return None
             stream = self._for_model(call.model_id, stream=True)
-            return stream.generate_stream.remote([p for p, _ in call.live])
+            return stream.generate_stream.remote(
+                [r.params for r in call.live], [r.token for r in call.live]
+            )
 
         async def answer_each(stream) -> None:
+            gone: BaseException | None = None
             async for index, result in stream:
-                answer = call.live[index][1]
+                answer = call.live[index].answer
                 if answer.done():
                     continue
-                if isinstance(result, BaseException):
+                if isinstance(result, REPLICA_GONE):
+                    gone = result  # its replica went bad under it: sent again, below
+                elif isinstance(result, BaseException):
                     answer.set_exception(result)
                 else:
                     answer.set_result(result)
+            if gone is not None:
+                raise gone
 
         try:
             await _with_replica_retries(send, answer_each)
         except asyncio.CancelledError:
-            for _, answer in call.waiting:
-                answer.cancel()
+            for request in call.waiting:
+                request.answer.cancel()
             raise
         except Exception as exc:
-            for _, answer in call.live:
-                if not answer.done():
-                    answer.set_exception(exc)
+            for request in call.live:
+                if not request.answer.done():
+                    request.answer.set_exception(exc)
             return
-        for _, answer in call.live:  # the stream ended without them: never left unanswered
-            if not answer.done():
-                answer.set_exception(RuntimeError("the generator's answer stream ended early"))
+        for request in call.live:  # the stream ended without them: never left unanswered
+            if not request.answer.done():
+                request.answer.set_exception(
+                    RuntimeError("the generator's answer stream ended early")
+                )
 
     async def ready(self) -> bool:
         try:
@@ -179,13 +213,22 @@ class GeneratorFleet:
         return await self._handle.request_restart.remote()
 
 
+@dataclass
+class _Request:
+    """One request of a generator call: its answer, and the token the generator knows it by."""
+
+    params: GenerationParams
+    answer: asyncio.Future
+    token: str
+
+
 class _Call:
     """Requests gathered for one generator call."""
 
     def __init__(self, model_id: str):
         self.model_id = model_id
-        self.waiting: list[tuple[GenerationParams, asyncio.Future]] = []
-        self.live: list[tuple[GenerationParams, asyncio.Future]] = []
+        self.waiting: list[_Request] = []
+        self.live: list[_Request] = []
         self.task: asyncio.Task | None = None
 
 
@@ -194,25 +237,39 @@ async def _answer(response):
 
 
 async def _with_replica_retries(send, consume):
-    """`consume(send())`: again (a new call) while the replica it went to died. Cancelled, it
-    cancels the call itself: Serve does not stop a request whose caller stopped waiting."""
-    for attempt in range(1, REPLICA_ATTEMPTS + 1):
+    """`consume(send())`, again (a new call) while the replica it went to died or refused as
+    unusable; `send()` giving None: nothing left to send. Cancelled, it cancels the call
+    itself: Serve does not stop a request whose caller stopped waiting."""
+    loop = asyncio.get_running_loop()
+    unusable_until: float | None = None
+    for attempt in itertools.count(1):
         response = send()
+        if response is None:
+            return None
         try:
             return await consume(response)
         except asyncio.CancelledError:
             response.cancel()
             raise
         except REPLICA_GONE as exc:
-            if attempt == REPLICA_ATTEMPTS:
-                raise
+            response.cancel()  # a replica only unreachable for a while must not run it too
+            if isinstance(exc, ReplicaUnusable):
+                # Serve routes to a bad replica until it has failed 3 health checks, and
+                # replaces it after: the request waits that out rather than fail.
+                unusable_until = unusable_until or loop.time() + UNUSABLE_RETRY_S
+                if loop.time() >= unusable_until:
+                    raise
+                delay = UNUSABLE_RETRY_DELAY_S
+            else:
+                if attempt >= REPLICA_ATTEMPTS:
+                    raise
+                delay = REPLICA_RETRY_DELAY_S * attempt
             log.warning(
-                "generator replica lost (%s); retrying, attempt %d of %d",
+                "generator replica lost or unusable (%s); sending again, attempt %d",
                 type(exc).__name__,
                 attempt + 1,
-                REPLICA_ATTEMPTS,
             )
-            await asyncio.sleep(REPLICA_RETRY_DELAY_S * attempt)
+            await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
 

@@ -11,6 +11,7 @@ from ray.exceptions import ActorUnavailableError
 
 from service.engine.protocol import GenerationOutput, GenerationParams
 from service.serving import ingress
+from service.serving.generator import Generator, ReplicaUnusable
 from service.serving.ingress import GeneratorFleet
 
 
@@ -19,23 +20,66 @@ def params(seed: int, model_id: str = "m1") -> GenerationParams:
 
 
 class FakeHandle:
-    """Streams `generate_stream`'s answers back like Serve does: each request's output (seed
-    echoed) after `delay_s` plus its own `num_inference_steps` hundredths of a second, in the
-    order they finish; a request whose seed is in `fail_seeds` gets an exception in its place;
-    the first `replica_losses` calls die as a lost replica would. As with Serve, a caller that
-    stops waiting does not stop the call: only `cancel()` on the response does."""
+    """Streams answers back like Serve does, through the real `Generator.generate_stream` and
+    `cancel_requests` over a stand-in replica: each request's output (seed echoed) after
+    `delay_s` plus its own `num_inference_steps` hundredths of a second; a request whose seed
+    is in `fail_seeds` gets an exception in its place, one in `unusable_seeds` (once) the
+    replica's ReplicaUnusable; the first `replica_losses` calls die as a lost replica would. As
+    with Serve, a caller that stops waiting does not stop the call: only `cancel()` on the
+    response does."""
 
     def __init__(self, delay_s: float = 0.01):
         self.delay_s = delay_s
         self.calls: list[tuple[str, list[int]]] = []
         self.single_calls: list[int] = []
         self.fail_seeds: set[int] = set()
+        self.unusable_seeds: set[int] = set()
         self.replica_losses = 0
-        self.cancelled = 0
+        self.cancelled = 0  # streams cancelled whole
+        self.requests_cancelled: list[int] = []  # seeds stopped one by one
         self.finished: list[int] = []  # seeds, in the order the generator finished them
+        self.replica = _Replica(self)
 
     def options(self, multiplexed_model_id: str, stream: bool = False):
         return _Bound(self, multiplexed_model_id)
+
+    def broadcast(self, method: str, *args):
+        assert method == "cancel_requests"
+        return _Broadcast(Generator.cancel_requests(self.replica, *args))
+
+
+class _Replica:
+    """What `Generator.generate_stream` uses of a replica."""
+
+    def __init__(self, fake: FakeHandle):
+        self.fake = fake
+        self._by_token: dict = {}
+
+    def _refuse_if_unusable(self) -> None:
+        pass
+
+    async def generate(self, p: GenerationParams) -> GenerationOutput:
+        fake = self.fake
+        try:
+            await asyncio.sleep(fake.delay_s + p.num_inference_steps / 100)
+        except asyncio.CancelledError:
+            fake.requests_cancelled.append(p.seed)
+            raise
+        fake.finished.append(p.seed)
+        if p.seed in fake.fail_seeds:
+            raise ValueError(f"bad seed {p.seed}")
+        if p.seed in fake.unusable_seeds:
+            fake.unusable_seeds.discard(p.seed)
+            raise ReplicaUnusable("generator replica unusable: CUDA error")
+        return GenerationOutput(images=[], seed=p.seed)
+
+
+class _Broadcast:
+    def __init__(self, work):
+        self._work = work
+
+    async def results_async(self, timeout_s=None, return_exceptions=False):
+        return [await self._work]
 
 
 class _Bound:
@@ -43,36 +87,21 @@ class _Bound:
 
     def __init__(self, fake: FakeHandle, model_id: str):
         self.fake, self.model_id = fake, model_id
-        self.generate_stream = _Method(lambda batch: _Stream(self._stream(batch)))
+        self.generate_stream = _Method(lambda *a: _Stream(self._stream(*a)))
         self.generate = _Method(lambda p: asyncio.ensure_future(self._one(p)))
 
-    async def _stream(self, batch: list[GenerationParams]):
+    async def _stream(self, batch: list[GenerationParams], tokens=None):
         fake = self.fake
         fake.calls.append((self.model_id, [p.seed for p in batch]))
         if fake.replica_losses:
             fake.replica_losses -= 1
             raise ActorUnavailableError("replica gone", b"0" * 16)
-
-        async def one(p):
-            await asyncio.sleep(fake.delay_s + p.num_inference_steps / 100)
-            fake.finished.append(p.seed)
-            if p.seed in fake.fail_seeds:
-                return ValueError(f"bad seed {p.seed}")
-            return GenerationOutput(images=[], seed=p.seed)
-
-        tasks = {asyncio.ensure_future(one(p)): i for i, p in enumerate(batch)}
-        pending = set(tasks)
         try:
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in sorted(done, key=tasks.__getitem__):
-                    yield tasks[task], task.result()
+            async for item in Generator.generate_stream(fake.replica, batch, tokens):
+                yield item
         except asyncio.CancelledError:
             fake.cancelled += 1
             raise
-        finally:
-            for task in tasks:
-                task.cancel()
 
     async def _one(self, p: GenerationParams):
         self.fake.single_calls.append(p.seed)
@@ -118,6 +147,7 @@ class _Method:
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch):
     monkeypatch.setattr(ingress, "REPLICA_RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(ingress, "UNUSABLE_RETRY_DELAY_S", 0.0)
 
 
 def run(coro):
@@ -212,16 +242,14 @@ def test_one_request_per_call_when_asked():
 
 
 def test_a_call_an_unusable_replica_refused_is_sent_again(monkeypatch):
-    from service.serving.generator import ReplicaUnusable
-
     original = _Bound._stream
     refusals = [ReplicaUnusable("generator replica unusable: CUDA error")]
 
-    async def refusing(self, batch):
+    async def refusing(self, batch, tokens=None):
         if refusals:
             self.fake.calls.append((self.model_id, [p.seed for p in batch]))
             raise refusals.pop()
-        async for item in original(self, batch):
+        async for item in original(self, batch, tokens):
             yield item
 
     monkeypatch.setattr(_Bound, "_stream", refusing)
@@ -232,6 +260,94 @@ def test_a_call_an_unusable_replica_refused_is_sent_again(monkeypatch):
         outputs = await asyncio.gather(*(fleet.generate(params(s)) for s in (1, 2)))
         assert [o.seed for o in outputs] == [1, 2]
         assert handle.calls == [("m1", [1, 2]), ("m1", [1, 2])]
+
+    run(scenario())
+
+
+def test_a_request_its_replica_failed_as_unusable_is_sent_again_alone():
+    """The device broke under one request of a shared call: that one is sent again (to the
+    replacement), the others keep the answers they already had."""
+
+    async def scenario():
+        handle = FakeHandle()
+        handle.unusable_seeds = {2}
+        fleet = GeneratorFleet(handle, max_per_call=8, window_s=0.01)
+        outputs = await asyncio.gather(*(fleet.generate(params(s)) for s in (1, 2, 3)))
+        assert [o.seed for o in outputs] == [1, 2, 3]
+        assert handle.calls == [("m1", [1, 2, 3]), ("m1", [2])]
+
+    run(scenario())
+
+
+def test_a_unusable_replica_is_waited_out_but_not_for_ever(monkeypatch):
+    monkeypatch.setattr(ingress, "UNUSABLE_RETRY_S", 0.2)
+    monkeypatch.setattr(ingress, "UNUSABLE_RETRY_DELAY_S", 0.05)
+
+    async def always_refusing(self, batch, tokens=None):
+        self.fake.calls.append((self.model_id, [p.seed for p in batch]))
+        raise ReplicaUnusable("generator replica unusable: CUDA error")
+        yield  # an async generator, as the real one
+
+    monkeypatch.setattr(_Bound, "_stream", always_refusing)
+
+    async def scenario():
+        handle = FakeHandle()
+        fleet = GeneratorFleet(handle, max_per_call=8, window_s=0.0)
+        with pytest.raises(ReplicaUnusable):
+            await fleet.generate(params(1))
+        # retried past the lost-replica count (3), within UNUSABLE_RETRY_S
+        assert 3 < len(handle.calls) <= 6
+
+    run(scenario())
+
+
+def test_nothing_is_sent_again_once_every_request_has_its_answer(monkeypatch):
+    original = _Bound._stream
+
+    async def dies_after_answering(self, batch, tokens=None):
+        async for item in original(self, batch, tokens):
+            yield item
+        raise ActorUnavailableError("replica gone", b"0" * 16)
+
+    monkeypatch.setattr(_Bound, "_stream", dies_after_answering)
+
+    async def scenario():
+        handle = FakeHandle()
+        fleet = GeneratorFleet(handle, max_per_call=8, window_s=0.01)
+        outputs = await asyncio.gather(*(fleet.generate(params(s)) for s in (1, 2)))
+        assert [o.seed for o in outputs] == [1, 2]
+        assert handle.calls == [("m1", [1, 2])]  # no empty second call
+
+    run(scenario())
+
+
+def test_a_cancelled_request_of_a_shared_call_is_stopped_alone():
+    """clear_queue cancels one job of a call whose other request is still wanted (or already
+    answered): the generator stops that one, by its token, and the call streams on."""
+
+    async def scenario():
+        handle = FakeHandle(delay_s=0.0)
+        fleet = GeneratorFleet(handle, max_per_call=8, window_s=0.01)
+
+        def request(seed, steps):
+            p = GenerationParams(
+                prompt="p",
+                model_id="m1",
+                seed=seed,
+                width=64,
+                height=64,
+                num_inference_steps=steps,
+            )
+            return asyncio.create_task(fleet.generate(p))
+
+        fast, slow, wanted = request(1, 2), request(2, 50), request(3, 30)
+        assert (await fast).seed == 1  # answered: the call is no longer all-cancellable
+        slow.cancel()
+        assert (await wanted).seed == 3
+        await asyncio.sleep(0.05)
+        assert handle.requests_cancelled == [2] and 2 not in handle.finished
+        assert handle.cancelled == 0  # the stream itself went on for request 3
+        assert slow.cancelled()
 
     run(scenario())
 

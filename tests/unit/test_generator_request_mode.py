@@ -166,3 +166,25 @@ def test_a_stuck_step_loop_fails_the_health_check(generator):
     generator._steps = StuckLoop()
     with pytest.raises(RuntimeError, match="step loop stuck: no denoising step .* 900 s"):
         generator.check_health()
+
+
+def test_a_request_the_device_failed_under_is_handed_back_as_unusable(generator):
+    """A fatal device error during a request: it is refused as ReplicaUnusable (sent again by
+    the ingress), not failed with the CUDA error."""
+    from service.serving.generator import ReplicaUnusable
+
+    params = GenerationParams(prompt="x", model_id="stable-diffu", width=64, height=64)
+
+    async def breaking_load(model_id):
+        error = RuntimeError("CUDA error: an illegal memory access was encountered")
+        generator._note_fatal(error)
+        raise error
+
+    async def scenario():
+        generator._get_model = breaking_load
+        with pytest.raises(ReplicaUnusable) as refused:
+            await generator.generate(params)
+        assert "illegal memory access" in str(refused.value.__cause__)
+
+    asyncio.run(scenario())
+    assert generator.details()["queue_depth"] == 0
