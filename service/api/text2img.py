@@ -52,6 +52,10 @@ MAX_JOB_ID = 2**63 - 1
 # SQLite's "database is locked"): the images exist, and failing the job would discard them.
 SETTLE_ATTEMPTS = 4
 SETTLE_BACKOFF_S = 0.25
+# ... and after that, whether a commit whose answer was lost had landed, for about 5 minutes.
+RECONCILE_ATTEMPTS = 12
+RECONCILE_FIRST_DELAY_S = 1.0
+RECONCILE_MAX_DELAY_S = 30.0
 KEY_CACHE_TTL_S = 5.0
 KEY_CACHE_SIZE = 10_000
 
@@ -99,6 +103,7 @@ class ImageService:
         # against the bound too, or a burst passes the check before any of them has started
         self._admitting = 0
         self._webhooks: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()
         self._known_keys: dict[str, tuple[KeyRecord, float]] = {}
         # who runs a job: its heartbeats say this process is alive (see maintain)
         self.owner = job_owner(socket.gethostname(), os.getpid())
@@ -321,12 +326,25 @@ class ImageService:
         except EndNotRecorded:
             # The job stays processing with its reservation; its heartbeat stops with this
             # task, so the sweep takes it over once the database answers (same seed and names).
+            # Unless its last commit landed after all: _reconcile finds out.
             log.warning("job %s: generated, but its end could not be recorded", job.id)
+            self._in_background(self._reconcile(job, params, key, started))
             raise
         except Exception as exc:
             log.exception("job %s failed", job.id)
             message = f"Image generation failed: {_short_reason(exc)}"
-            if await asyncio.to_thread(self.jobs.fail, job.id, message, owner=self.owner):
+            try:
+                failed_here = await asyncio.to_thread(
+                    self.jobs.fail, job.id, message, owner=self.owner
+                )
+            except OperationalError:
+                log.warning(
+                    "job %s: its failure could not be recorded; it stays processing for the "
+                    "sweep to take over",
+                    job.id,
+                )
+                raise
+            if failed_here:
                 ended_here = True
                 await asyncio.to_thread(self._withdraw, job)  # a partial write
             elapsed = time.perf_counter() - started
@@ -334,15 +352,51 @@ class ImageService:
             raise
         else:
             if settled:  # None: ended elsewhere, and counted by whoever ended it
-                unit_price = self.prices.price_per_image(params.model_id)
-                charged = unit_price * params.samples if key.plan is Plan.PAY_PER_USE else 0
-                self.metrics.billed(params.model_id, key.plan.value, charged)
-                elapsed = time.perf_counter() - started
-                self.metrics.job_done(params.model_id, resolution, "success", elapsed)
+                self._count_success(params, key, started)
             return settled
         finally:
             if job.webhook and ended_here:
                 self._notify(job.id)
+
+    def _count_success(self, params: GenerationParams, key: KeyRecord, started: float) -> None:
+        unit_price = self.prices.price_per_image(params.model_id)
+        charged = unit_price * params.samples if key.plan is Plan.PAY_PER_USE else 0
+        self.metrics.billed(params.model_id, key.plan.value, charged)
+        resolution = resolution_bucket(params.width, params.height)
+        elapsed = time.perf_counter() - started
+        self.metrics.job_done(params.model_id, resolution, "success", elapsed)
+
+    async def _reconcile(
+        self, job: JobRecord, params: GenerationParams, key: KeyRecord, started: float
+    ) -> None:
+        """After EndNotRecorded: the last commit may have landed with its answer lost. Once the
+        database answers, a success of this very attempt is announced here (metrics, webhook),
+        since nobody else will; a job still processing is the sweep's to take over."""
+        delay = RECONCILE_FIRST_DELAY_S
+        for _ in range(RECONCILE_ATTEMPTS):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONCILE_MAX_DELAY_S)
+            try:
+                current = await asyncio.to_thread(self.jobs.get, job.id)
+            except OperationalError:
+                continue
+            if (
+                current is not None
+                and current.status is JobStatus.SUCCESS
+                and current.owner == self.owner
+                and current.attempts == job.attempts
+            ):
+                log.info("job %s: its end had been recorded after all", job.id)
+                self._count_success(params, key, started)
+                if job.webhook:
+                    self._notify(job.id)
+            return
+        log.warning("job %s: the database never answered whether its end was recorded", job.id)
+
+    def _in_background(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _deliver(
         self, job: JobRecord, output: GenerationOutput, started: float

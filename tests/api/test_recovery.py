@@ -491,3 +491,47 @@ def test_a_long_pod_name_still_fits_the_owner_column():
     assert all(owner.startswith(pod[:40]) and "-4194304-" in owner for owner in owners)
     short = text2img.job_owner("host", 7)
     assert short.startswith("host-7-") and len(short) == len("host-7-") + 8
+
+
+def test_a_landed_end_whose_answer_was_lost_is_announced_once_the_database_answers(
+    settings, monkeypatch
+):
+    """The success was committed, then every answer was lost while the database stayed down:
+    no sweep will take the job (it is a success), so this replica announces it when it can."""
+
+    async def scenario():
+        service = build_image_service(settings, works)
+        original = service.jobs.finish
+        down = True
+
+        def commits_then_the_database_goes(*args, **kwargs):
+            if down and not landed:
+                landed.append(original(*args, **kwargs))
+            if down:
+                raise database_error()
+            return original(*args, **kwargs)
+
+        landed: list = []
+        monkeypatch.setattr(service.jobs, "finish", commits_then_the_database_goes)
+        monkeypatch.setattr(text2img, "SETTLE_BACKOFF_S", 0.01)
+        monkeypatch.setattr(text2img, "RECONCILE_FIRST_DELAY_S", 0.05)
+        real_get = service.jobs.get
+
+        def get(*args):
+            if down:
+                raise database_error()
+            return real_get(*args)
+
+        monkeypatch.setattr(service.jobs, "get", get)
+        sent = notifications(service)
+        [job_id] = await accept(service, 1, **HOOK)
+        await service.drain()
+        assert sent == [] and landed  # its end is not known here yet
+        down = False
+        await asyncio.gather(*service._background)
+        assert sent == [(0, job_id)]
+        assert real_get(job_id).status is JobStatus.SUCCESS
+        assert await service.maintain_once() == ([], [])  # nothing for the sweep
+        assert sent == [(0, job_id)]
+
+    asyncio.run(scenario())
