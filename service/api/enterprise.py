@@ -43,8 +43,10 @@ def _fleet(request: Request):
 
 def _model_id(service: ImageService, body: ModelRequest | None) -> str:
     model_id = ((body.model_id if body else None) or "").strip()
+    available = ", ".join(service.registry.ids())
+    if not model_id:
+        raise ApiError(ErrorKind.VALIDATION, f"model_id is required; available models: {available}")
     if model_id not in service.registry.ids():
-        available = ", ".join(service.registry.ids())
         raise ApiError(
             ErrorKind.VALIDATION,
             f"model_id '{model_id}' is not available; available models: {available}",

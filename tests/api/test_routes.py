@@ -395,6 +395,14 @@ def test_enterprise_routes_need_an_admin_key(env):
     assert missing["status"] == "error"
 
 
+def test_load_model_without_a_model_id_names_the_field(env):
+    client, _, _ = env
+    for missing in ({}, {"model_id": None}, {"model_id": "null"}, {"model_id": " "}):
+        body = post(client, "/api/v1/enterprise/load_model", **missing).json()
+        assert body["status"] == "error", body
+        assert body["message"] == "model_id is required; available models: stable-diffu"
+
+
 def test_an_idempotency_key_makes_a_retry_safe(env):
     client, engine, service = env
     before = balance(service, "demo")
