@@ -653,11 +653,17 @@ class ImageService:
         re-dispatched and failed."""
         lost = await asyncio.to_thread(self.jobs.heartbeat, self.owner, list(self._running))
         await self._stop_lost_jobs(lost)
+        # No more than this replica has room for (max_inflight_jobs): the rest are left to
+        # other replicas, or to the next rounds here.
+        room = self.settings.max_inflight_jobs - len(self._running)
+        if room <= 0:
+            return [], []
         claimed, failed = await asyncio.to_thread(
             self.jobs.claim_orphans,
             self.owner,
             self.settings.orphan_after_s,
             self.settings.max_job_attempts,
+            room,
         )
         for job in claimed:
             key = await asyncio.to_thread(self.keys.by_hash, job.key_hash)

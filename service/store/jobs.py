@@ -330,9 +330,10 @@ class JobStore:
         return [job_id for job_id in job_ids if job_id not in alive]
 
     def claim_orphans(
-        self, owner: str, stale_after_s: float, max_attempts: int
+        self, owner: str, stale_after_s: float, max_attempts: int, limit: int | None = None
     ) -> tuple[list[JobRecord], list[int]]:
-        """Take over processing jobs whose owner stopped sending heartbeats.
+        """Take over processing jobs whose owner stopped sending heartbeats, oldest first, at
+        most `limit` of them.
 
         Each is either claimed for another attempt (returned first) or, after `max_attempts`,
         failed with its charge released (ids returned second). Safe with several replicas:
@@ -350,6 +351,7 @@ class JobStore:
                     or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
                 )
                 .order_by(Job.id)
+                .limit(limit)
                 .with_for_update(skip_locked=True)
             )
             for job in session.scalars(query):

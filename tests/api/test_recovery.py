@@ -535,3 +535,29 @@ def test_a_landed_end_whose_answer_was_lost_is_announced_once_the_database_answe
         assert sent == [(0, job_id)]
 
     asyncio.run(scenario())
+
+
+def test_a_replica_takes_over_no_more_orphans_than_it_has_room_for(settings):
+    """A dead replica left 5 jobs; a survivor with room for 2 more takes 2 (the oldest), and
+    the rest as its own jobs end: the others stay for other replicas meanwhile."""
+
+    async def scenario():
+        dead = build_image_service(settings, never)
+        ids = await accept(dead, 5)
+        crash(dead)
+        await asyncio.sleep(0.3)
+        gate = asyncio.Event()
+        survivor = build_image_service(
+            settings.model_copy(update={"max_inflight_jobs": 2}), gated(gate)
+        )
+        assert await survivor.maintain_once() == (ids[:2], [])
+        assert await survivor.maintain_once() == ([], [])  # full: nothing more taken
+        gate.set()
+        await survivor.drain()
+        await asyncio.sleep(0.3)
+        claimed, _ = await survivor.maintain_once()
+        assert claimed == ids[2:4]
+        await survivor.drain()
+        assert [survivor.jobs.get(i).status for i in ids[:4]] == [JobStatus.SUCCESS] * 4
+
+    asyncio.run(scenario())
