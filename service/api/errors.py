@@ -120,6 +120,7 @@ def _record(request: Request, error: ApiError) -> None:
     status = "rate_limited" if error.kind is ErrorKind.RATE_LIMIT else "error"
     service.metrics.error(route, error.kind.label)
     service.metrics.request_done(route, "none", status, elapsed)
+    request.state.metrics_recorded = True
 
 
 def install_error_handlers(app: FastAPI, strict: bool) -> None:

@@ -83,6 +83,7 @@ router = APIRouter()
 # encoder, which walked every field of `meta` and was a third of the route's own time.
 async def _text2img(request: Request, body: Text2ImgRequest, family: str) -> JSONResponse:
     job = await _service(request).text2img(body, _headers(request), family, route_label(request))
+    request.state.metrics_recorded = True  # with the job's status and model, by text2img
     return JSONResponse(job)
 
 
@@ -251,7 +252,9 @@ async def text2img_enterprise(request: Request, body: Text2ImgBody):
     """The dedicated-server API (`enterprise=True` in modelslab-py); needs an admin key."""
     service = _service(request)
     await service.authenticate_admin(body, _headers(request))
-    return await service.text2img(body, _headers(request), "enterprise", route_label(request))
+    job = await service.text2img(body, _headers(request), "enterprise", route_label(request))
+    request.state.metrics_recorded = True  # with the job's status and model, by text2img
+    return job
 
 
 @router.post(
@@ -407,6 +410,35 @@ class RequestBodyGate:
         await send({"type": "http.response.body", "body": body})
 
 
+class RouteMetrics:
+    """ASGI middleware: every /api/ call counted in requests_total and its duration, by route.
+    Generation routes count themselves (with the job's status and model) and errors are counted
+    where they are answered (service.api.errors); this counts the rest, the successes."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            return await self.app(scope, receive, send)
+        status_code = None
+
+        async def noting_status(message):
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, noting_status)
+        state = scope.get("state") or {}
+        service = getattr(scope.get("app").state, "service", None) if scope.get("app") else None
+        if service is None or state.get("metrics_recorded") or status_code != 200:
+            return
+        route = getattr(scope.get("route"), "path", "unmatched")
+        elapsed = time.perf_counter() - state.get("started_at", time.perf_counter())
+        service.metrics.request_done(route, "none", "success", elapsed)
+
+
 def create_app(max_body_bytes: int, strict_http_status: bool) -> FastAPI:
     """The FastAPI app; `app.state.service` is set by whoever owns the ImageService."""
     app = FastAPI(
@@ -424,5 +456,6 @@ def create_app(max_body_bytes: int, strict_http_status: bool) -> FastAPI:
     app.include_router(docs.router)
     docs.install_api_document(app)
     install_error_handlers(app, strict_http_status)
+    app.add_middleware(RouteMetrics)  # inside the gate: it sees the scope the routes see
     app.add_middleware(RequestBodyGate, limit=max_body_bytes)
     return app

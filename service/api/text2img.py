@@ -186,6 +186,7 @@ class ImageService:
 
         inflight = len(self._running) + self._admitting
         if inflight >= self.settings.max_inflight_jobs:
+            self.metrics.rate_limit(key.plan.value)
             raise ApiError(
                 ErrorKind.RATE_LIMIT,
                 f"Server busy: {inflight} jobs are queued or running; retry later",
@@ -344,11 +345,11 @@ class ImageService:
                     job.id,
                 )
                 raise
-            if failed_here:
+            if failed_here:  # else ended elsewhere, and counted by whoever ended it
                 ended_here = True
                 await asyncio.to_thread(self._withdraw, job)  # a partial write
-            elapsed = time.perf_counter() - started
-            self.metrics.job_done(params.model_id, resolution, "failed", elapsed)
+                elapsed = time.perf_counter() - started
+                self.metrics.job_done(params.model_id, resolution, "failed", elapsed)
             raise
         else:
             if settled:  # None: ended elsewhere, and counted by whoever ended it
@@ -713,6 +714,10 @@ class ImageService:
         for job in await asyncio.to_thread(self.jobs.processing):
             if await asyncio.to_thread(self.jobs.fail, job.id, "Cancelled by clear_queue"):
                 cancelled.append(job.id)
+                # what any attempt already wrote (one whose end was never recorded, say): a
+                # refunded job's links must not serve; a replica still generating it withdraws
+                # its images again as they arrive
+                await asyncio.to_thread(self._withdraw, job)
                 task = self._running.get(job.id)
                 if task is not None:
                     task.cancel()

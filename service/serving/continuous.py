@@ -120,6 +120,8 @@ class StepBatching:
                 continue
             if report is None:
                 self._turned_at = time.monotonic()
+                # nothing stepped: a cancelled request may still have left the queue
+                self.metrics.set_queue_depth(self.queue_depth())
                 self.batcher.wait_for_work(IDLE_WAIT_S)
 
     def _record(self, report: StepReport) -> None:

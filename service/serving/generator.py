@@ -138,6 +138,8 @@ class Generator:
         self._in_use: Counter[str] = Counter()  # model id -> its requests on this replica
         self._by_token: dict[str, asyncio.Task] = {}  # shared calls' requests, for cancelling
         self._calls = threading.Lock()  # request mode: one pipeline call, warm-up or unload
+        # safety checks and upscales, one at a time: each one's device time is its own
+        self._post_processing = threading.Lock()
         self._unusable: str | None = None  # a fatal device error: refuse work until replaced
         self._restart_requested = False  # still works, but fails health checks to be replaced
         self._batched.set_max_batch_size(max_batch_size)
@@ -253,12 +255,14 @@ class Generator:
         """After the safety check: a flagged image is treated at the size the checker saw."""
         if self.upscaler is None:
             raise RuntimeError("upscale was asked for but this generator has no upscaler")
-        started = time.perf_counter()
-        output.images = self.upscaler.upscale(output.images, params.upscale)
+        with self._post_processing:  # timed alone: waiting for another's turn is no work
+            started = time.perf_counter()
+            output.images = self.upscaler.upscale(output.images, params.upscale)
+            seconds = time.perf_counter() - started
         self.metrics.gpu_work_done(
             "upscale",
             params.model_id,
-            time.perf_counter() - started,
+            seconds,
             self.settings.gpu_hour_price_usd,
         )
         return output
@@ -270,8 +274,10 @@ class Generator:
 
         if self.safety is None:
             raise RuntimeError("safety_checker was asked for but this generator has no checker")
-        started = time.perf_counter()
-        flags = self.safety.flags(output.images)
+        with self._post_processing:
+            started = time.perf_counter()
+            flags = self.safety.flags(output.images)
+            seconds = time.perf_counter() - started
         output.images = [
             treat(image, params.safety_checker_type) if flagged else image
             for image, flagged in zip(output.images, flags, strict=True)
@@ -280,7 +286,7 @@ class Generator:
         self.metrics.gpu_work_done(
             "safety_check",
             params.model_id,
-            time.perf_counter() - started,
+            seconds,
             self.settings.gpu_hour_price_usd,
         )
         self.metrics.safety_checked(params.model_id, sum(flags), len(flags) - sum(flags))

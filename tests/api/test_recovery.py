@@ -561,3 +561,44 @@ def test_a_replica_takes_over_no_more_orphans_than_it_has_room_for(settings):
         assert [survivor.jobs.get(i).status for i in ids[:4]] == [JobStatus.SUCCESS] * 4
 
     asyncio.run(scenario())
+
+
+def test_a_job_cleared_with_nobody_running_it_leaves_no_image_behind(settings):
+    """An attempt wrote its image, then its end was never recorded (its task is gone): when
+    clear_queue refunds the job, that image goes too."""
+
+    async def scenario():
+        dead = build_image_service(settings, never)
+        [job_id] = await accept(dead, 1)
+        name = image_name(dead, job_id)
+        dead.images.write(name, np.zeros((64, 64, 3), np.uint8))
+        crash(dead)
+        await asyncio.sleep(0)
+        clearing = build_image_service(settings, works)
+        assert (await clearing.clear_queue())["ids"] == [job_id]
+        assert clearing.images.read(name) is None
+        assert clearing.keys.find("demo").balance == Decimal(1)
+
+    asyncio.run(scenario())
+
+
+def test_a_failure_after_a_take_over_is_not_counted_by_the_replica_that_lost_the_job(settings):
+    from tests.api.test_routes import RecordingMetrics
+
+    async def scenario():
+        gate = asyncio.Event()
+        first = build_image_service(settings, gated(gate, fails=True))
+        first.metrics = lost = RecordingMetrics()
+        [job_id] = await accept(first, 1)
+        await asyncio.sleep(0.3)
+        second = build_image_service(settings, works)
+        second.metrics = taker = RecordingMetrics()
+        assert await second.maintain_once() == ([job_id], [])
+        await second.drain()
+        gate.set()
+        await first.drain()
+        assert second.jobs.get(job_id).status is JobStatus.SUCCESS
+        assert [status for *_, status, _s in taker.of("job_done")] == ["success"]
+        assert lost.of("job_done") == []  # its attempt failed, but the job was not its own
+
+    asyncio.run(scenario())

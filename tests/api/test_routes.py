@@ -600,3 +600,39 @@ def test_clip_skip_beyond_the_text_encoders_depth_is_refused_before_queueing(tmp
             f"(the text encoder of 'stable-diffu' has {layers} layers)"
         )
     assert len(engine.calls) == 1 and service.jobs.get(deepest["id"] + 1) is None
+
+
+class RecordingMetrics:
+    """The metrics calls the service makes, by name (a stand-in for the Ray-exported ones)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, *args))
+
+    def of(self, name: str) -> list[tuple]:
+        return [call[1:] for call in self.calls if call[0] == name]
+
+
+def test_every_api_call_is_counted_once_by_route_and_outcome(tmp_path):
+    app, _, service = make_app(tmp_path, max_inflight_jobs=1)
+    service.metrics = metrics = RecordingMetrics()
+    with TestClient(app) as client:
+        made = post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64).json()
+        post(client, f"/api/v6/images/fetch/{made['id']}")
+        post(client, "/api/v4/dreambooth/model_list")
+        post(client, "/api/v6/images/text2img", prompt="x", width=7, height=64)
+        service._admitting = 1  # the server is full: one job being admitted
+        busy = post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64).json()
+        service._admitting = 0
+    counted = [(route, status) for route, _model, status, _s in metrics.of("request_done")]
+    assert counted == [
+        ("/api/v6/images/text2img", "success"),
+        ("/api/v6/images/fetch/{job_id}", "success"),
+        ("/api/v4/dreambooth/model_list", "success"),
+        ("/api/v6/images/text2img", "error"),
+        ("/api/v6/images/text2img", "rate_limited"),
+    ]
+    assert busy["status"] == "error" and "Server busy" in busy["message"]
+    assert metrics.of("rate_limit") == [("pay_per_use",)]  # the capacity 429 too

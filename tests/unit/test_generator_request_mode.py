@@ -188,3 +188,45 @@ def test_a_request_the_device_failed_under_is_handed_back_as_unusable(generator)
 
     asyncio.run(scenario())
     assert generator.details()["queue_depth"] == 0
+
+
+def test_concurrent_safety_checks_count_their_own_device_time_only(generator):
+    """Eight requests' safety checks at once on one device: the device time recorded is the
+    work (8 x 0.2 s), not each check's wall time, most of it spent waiting for the others."""
+    import threading
+    import time as clock
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from service.engine.protocol import GenerationOutput
+
+    device = threading.Lock()  # kernels of concurrent threads run one after another
+
+    class Checker:
+        def flags(self, images):
+            with device:
+                clock.sleep(0.2)
+            return [False] * len(images)
+
+    recorded = []
+
+    class Metrics:
+        def __getattr__(self, name):
+            def record(*args, **kwargs):
+                if name == "gpu_work_done":
+                    recorded.append(args[2])
+
+            return record
+
+    generator.safety, generator.metrics = Checker(), Metrics()
+    params = GenerationParams(prompt="x", model_id="stable-diffu", width=8, height=8)
+
+    def check(_):
+        output = GenerationOutput(images=[np.zeros((8, 8, 3), np.uint8)], seed=1)
+        return generator._check_safety(params, output)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(check, range(8)))
+    assert len(recorded) == 8
+    assert sum(recorded) < 8 * 0.2 * 1.5  # about 1.6 s; unlocked, it read about 6.6 s

@@ -94,3 +94,35 @@ def test_an_idle_loop_is_not_stalled_and_a_hung_step_is():
     finally:
         release.set()
         hung.stop()
+
+
+def test_the_queue_gauge_drops_a_request_cancelled_while_waiting():
+    gauge: list[int] = []
+
+    class Metrics(NoMetrics):
+        def set_queue_depth(self, depth):
+            gauge.append(depth)
+
+    steps = StepBatching(
+        CheckingEngine(),
+        max_running_images=4,
+        admission="oldest_first",
+        metrics=Metrics(),
+        gpu_hour_price_usd=Decimal(0),
+    )
+
+    async def scenario():
+        request = asyncio.create_task(
+            steps.generate(GenerationParams(prompt="x", model_id="m", width=64, height=64))
+        )
+        await asyncio.sleep(0.01)
+        request.cancel()  # before any step admitted it
+
+    asyncio.run(scenario())
+    assert gauge == [1]
+    steps.start()
+    try:
+        threading.Event().wait(0.3)
+    finally:
+        steps.stop()
+    assert gauge[-1] == 0 and steps.queue_depth() == 0
