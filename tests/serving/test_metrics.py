@@ -109,10 +109,14 @@ def test_a_known_mix_shows_up_in_the_scrape(app):
         time.sleep(0.5)
 
     requests_total = "ray_sdserve_requests_total"
-    assert total(samples, requests_total, status="success") == 3
+    generate = "/api/v6/images/text2img"
+    assert total(samples, requests_total, route=generate, status="success") == 3
     assert total(samples, requests_total, status="processing") == 5
     assert total(samples, requests_total, status="error") == 4
     assert total(samples, requests_total, status="rate_limited") == 1
+    # every poll of a fetch link is a call answered, whatever its job's state
+    fetches = total(samples, requests_total, route="/api/v6/images/fetch/{job_id}")
+    assert fetches == total(samples, requests_total, status="success") - 3 >= 5
     errors = "ray_sdserve_errors_total"
     assert total(samples, errors, type="validation") == 3
     assert total(samples, errors, type="auth") == 1
