@@ -10,6 +10,7 @@ from service.config import Settings
 from service.registry import ModelInfo
 from service.store.jobs import Job
 from service.store.keys import ApiKey
+from tests.recording import HOSTED_API_NULLS
 
 SIZES = {
     "stable-diffu": ModelInfo("stable-diffu", Path("m"), 768, 768, 30, "v_prediction", 768, 768),
@@ -376,16 +377,7 @@ def test_the_text_fields_tried_for_blank_spellings_do_change_a_request():
 
 
 def test_hosted_api_example_values_are_served_with_defaults():
-    p, options = resolved(
-        webhook="null",
-        track_id="null",
-        embeddings_model="null",
-        lora_model="null",
-        scheduler="none",
-        algorithm_type="null",
-        negative_prompt="null",
-        vae="null",
-    )
+    p, options = resolved(**HOSTED_API_NULLS)
     assert options["webhook"] is None and options["track_id"] is None
     assert p.negative_prompt == "" and p.scheduler == "UniPCMultistepScheduler"
     assert p.loras == () and p.embeddings == () and p.vae is None and p.algorithm_type is None

@@ -20,6 +20,7 @@ from service.engine.protocol import GenerationOutput, GenerationParams
 from service.serving.ingress import build_image_service
 from service.store.jobs import JobStatus, JobStore
 from tests.api.test_routes import KEY, write_model_configs
+from tests.recording import RecordingMetrics
 
 
 async def never(_params: GenerationParams) -> GenerationOutput:
@@ -583,8 +584,6 @@ def test_a_job_cleared_with_nobody_running_it_leaves_no_image_behind(settings):
 
 
 def test_a_failure_after_a_take_over_is_not_counted_by_the_replica_that_lost_the_job(settings):
-    from tests.api.test_routes import RecordingMetrics
-
     async def scenario():
         gate = asyncio.Event()
         first = build_image_service(settings, gated(gate, fails=True))

@@ -24,6 +24,7 @@ from service.config import Settings
 from service.engine.protocol import GenerationOutput, GenerationParams
 from service.pricing import PlanLimits
 from service.serving.ingress import build_image_service
+from tests.recording import HOSTED_API_NULLS, RecordingMetrics
 
 KEY = "test-key"
 
@@ -528,17 +529,10 @@ def test_null_spellings_from_the_hosted_api_examples_are_served_with_defaults(en
         client,
         "/api/v6/images/text2img",
         prompt="a cat",
-        negative_prompt="null",
         width=64,
         height=64,
-        webhook="null",
-        track_id="null",
-        embeddings_model="null",
-        lora_model="null",
-        scheduler="none",
-        algorithm_type="null",
-        vae="null",
         safety_checker_type="none",
+        **HOSTED_API_NULLS,
     ).json()
     assert body["status"] == "success", body
     meta = body["meta"]
@@ -600,19 +594,6 @@ def test_clip_skip_beyond_the_text_encoders_depth_is_refused_before_queueing(tmp
             f"(the text encoder of 'stable-diffu' has {layers} layers)"
         )
     assert len(engine.calls) == 1 and service.jobs.get(deepest["id"] + 1) is None
-
-
-class RecordingMetrics:
-    """The metrics calls the service makes, by name (a stand-in for the Ray-exported ones)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: self.calls.append((name, *args))
-
-    def of(self, name: str) -> list[tuple]:
-        return [call[1:] for call in self.calls if call[0] == name]
 
 
 def test_every_api_call_is_counted_once_by_route_and_outcome(tmp_path):

@@ -166,20 +166,27 @@ def test_readyz_and_healthz(app):
     assert requests.get(base_url + "/readyz", timeout=10).json() == {"status": "ok"}
 
 
-def test_logs_are_json_with_the_request_id_of_the_response(app):
+def ingress_log_entries(*texts: str, timeout_s: float = 10) -> list[dict]:
+    """The Ingress replicas' JSON log entries whose line holds every one of `texts`, waited
+    for (Serve writes its log files asynchronously)."""
     import ray
 
-    base_url, _, _ = app
-    body = post(base_url, key=DEMO_API_KEY, prompt="log me", **SMALL).json()
-    request_id = body["meta"]["request_id"]
     logs_dir = ray._private.worker._global_node.get_logs_dir_path()
-    deadline = time.monotonic() + 10
-    found = []
+    deadline = time.monotonic() + timeout_s
+    found: list[dict] = []
     while not found and time.monotonic() < deadline:
         for path in glob.glob(f"{logs_dir}/serve/replica_sdserve_Ingress_*.log"):
             with open(path, encoding="utf-8") as log_file:
-                found += [json.loads(line) for line in log_file if request_id in line]
+                found += [json.loads(line) for line in log_file if all(t in line for t in texts)]
         time.sleep(0.2)
+    return found
+
+
+def test_logs_are_json_with_the_request_id_of_the_response(app):
+    base_url, _, _ = app
+    body = post(base_url, key=DEMO_API_KEY, prompt="log me", **SMALL).json()
+    request_id = body["meta"]["request_id"]
+    found = ingress_log_entries(request_id)
     assert found, "no log line carries the response's request_id"
     assert all(entry["request_id"] == request_id for entry in found)
 
@@ -187,23 +194,10 @@ def test_logs_are_json_with_the_request_id_of_the_response(app):
 def test_the_services_own_info_lines_reach_the_replica_log(app):
     """Unknown fields are ignored and logged (README): an INFO line of the service's own
     logger, in the Ingress replica's log with the request's id."""
-    import ray
-
     base_url, _, _ = app
     body = post(base_url, key=DEMO_API_KEY, prompt="extra", watermark="yes", **SMALL).json()
     request_id = body["meta"]["request_id"]
-    logs_dir = ray._private.worker._global_node.get_logs_dir_path()
-    deadline = time.monotonic() + 10
-    found = []
-    while not found and time.monotonic() < deadline:
-        for path in glob.glob(f"{logs_dir}/serve/replica_sdserve_Ingress_*.log"):
-            with open(path, encoding="utf-8") as log_file:
-                found += [
-                    json.loads(line)
-                    for line in log_file
-                    if request_id in line and "ignored unknown fields" in line
-                ]
-        time.sleep(0.2)
+    found = ingress_log_entries(request_id, "ignored unknown fields")
     assert found, "the service's INFO line is not in the replica log"
     assert found[0]["message"] == "ignored unknown fields: watermark"
     assert found[0]["levelname"] == "INFO" and found[0]["filename"] == "text2img.py"
