@@ -28,7 +28,7 @@ from service.api.webhooks import WebhookPolicy, WebhookRefused, WebhookSender
 from service.config import Settings
 from service.engine.protocol import GenerationOutput, GenerationParams
 from service.metrics import Metrics, NoMetrics, resolution_bucket
-from service.pricing import Plan, PriceList
+from service.pricing import PriceList, micros_to_usd
 from service.registry import ModelRegistry
 from service.store.errors import (
     ConcurrencyLimitExceeded,
@@ -353,16 +353,17 @@ class ImageService:
             raise
         else:
             if settled:  # None: ended elsewhere, and counted by whoever ended it
-                self._count_success(params, key, started)
+                self._count_success(params, key, started, settled.charged_micros or 0)
             return settled
         finally:
             if job.webhook and ended_here:
                 self._notify(job.id)
 
-    def _count_success(self, params: GenerationParams, key: KeyRecord, started: float) -> None:
-        unit_price = self.prices.price_per_image(params.model_id)
-        charged = unit_price * params.samples if key.plan is Plan.PAY_PER_USE else 0
-        self.metrics.billed(params.model_id, key.plan.value, charged)
+    def _count_success(
+        self, params: GenerationParams, key: KeyRecord, started: float, charged_micros: int
+    ) -> None:
+        """`charged_micros`: what the ledger settled, at the price the job was reserved at."""
+        self.metrics.billed(params.model_id, key.plan.value, micros_to_usd(charged_micros))
         resolution = resolution_bucket(params.width, params.height)
         elapsed = time.perf_counter() - started
         self.metrics.job_done(params.model_id, resolution, "success", elapsed)
@@ -388,7 +389,8 @@ class ImageService:
                 and current.attempts == job.attempts
             ):
                 log.info("job %s: its end had been recorded after all", job.id)
-                self._count_success(params, key, started)
+                charged = await asyncio.to_thread(self.ledger.settled_charge, job.id)
+                self._count_success(params, key, started, charged)
                 if job.webhook:
                     self._notify(job.id)
             return

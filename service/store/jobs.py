@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import SimpleNamespace
@@ -106,6 +106,8 @@ class JobRecord:
     finished_at: datetime | None
     owner: str | None = None
     attempts: int = 1
+    # what settling charged, on the record `finish` returns only (prices may change meanwhile)
+    charged_micros: int | None = None
 
     @classmethod
     def of(cls, job: Job | Any) -> JobRecord:
@@ -266,8 +268,9 @@ class JobStore:
                 "finished_at": self._clock(),
             }
             conn.execute(_END_JOB, {"job_id": job_id, **ended})
-            ledger.settle(conn, job_id, now=ended["finished_at"])
-            return JobRecord.of(_Values(**{**job._asdict(), **ended}))
+            charged = ledger.settle(conn, job_id, now=ended["finished_at"])
+            finished = JobRecord.of(_Values(**{**job._asdict(), **ended}))
+            return replace(finished, charged_micros=charged)
 
     def fail(self, job_id: int, message: str, *, owner: str | None = None) -> bool:
         """Mark a processing job failed and refund its reservation; False if it had ended or,

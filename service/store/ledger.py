@@ -176,27 +176,33 @@ _RESERVATION = select(
     _entries.c.amount_micros,
 ).where(_entries.c.job_id == bindparam("job_id"), _entries.c.kind == EntryKind.RESERVE.value)
 # settle: the reserve row copied as the job's outcome, amount 0, in one statement
-_SETTLE = insert(_entries).from_select(
-    [
-        "key_id",
-        "job_id",
-        "model_id",
-        "kind",
-        "images",
-        "unit_price_micros",
-        "amount_micros",
-        "created_at",
-    ],
-    select(
-        _entries.c.key_id,
-        _entries.c.job_id,
-        _entries.c.model_id,
-        literal(EntryKind.SETTLE.value, String),
-        _entries.c.images,
-        _entries.c.unit_price_micros,
-        literal(0, BigInteger),
-        bindparam("now", type_=DateTime(timezone=True)),
-    ).where(_entries.c.job_id == bindparam("job_id"), _entries.c.kind == EntryKind.RESERVE.value),
+_SETTLE = (
+    insert(_entries)
+    .from_select(
+        [
+            "key_id",
+            "job_id",
+            "model_id",
+            "kind",
+            "images",
+            "unit_price_micros",
+            "amount_micros",
+            "created_at",
+        ],
+        select(
+            _entries.c.key_id,
+            _entries.c.job_id,
+            _entries.c.model_id,
+            literal(EntryKind.SETTLE.value, String),
+            _entries.c.images,
+            _entries.c.unit_price_micros,
+            literal(0, BigInteger),
+            bindparam("now", type_=DateTime(timezone=True)),
+        ).where(
+            _entries.c.job_id == bindparam("job_id"), _entries.c.kind == EntryKind.RESERVE.value
+        ),
+    )
+    .returning(_entries.c.images, _entries.c.unit_price_micros)
 )
 
 
@@ -254,9 +260,11 @@ def reserve(
     return cost
 
 
-def settle(conn: Connection, job_id: int, *, now: datetime) -> bool:
-    """Make a job's reservation final (its images were delivered); False if it had none."""
-    return conn.execute(_SETTLE, {"job_id": job_id, "now": now}).rowcount == 1
+def settle(conn: Connection, job_id: int, *, now: datetime) -> int | None:
+    """Make a job's reservation final (its images were delivered) and return what it charged,
+    at the unit price it was reserved at; None if it had no reservation."""
+    settled = conn.execute(_SETTLE, {"job_id": job_id, "now": now}).first()
+    return None if settled is None else int(settled.images) * int(settled.unit_price_micros)
 
 
 def release(conn: Connection, job_id: int, *, now: datetime) -> bool:
@@ -354,6 +362,14 @@ class Ledger:
             query = query.where(LedgerEntry.job_id == job_id)
         with self._sessions.read() as session:
             return [EntryRecord.of(row) for row in session.scalars(query)]
+
+    def settled_charge(self, job_id: int) -> int:
+        """Micro-dollars a delivered job was charged (0 if it was not settled)."""
+        query = select(LedgerEntry.images * LedgerEntry.unit_price_micros).where(
+            LedgerEntry.job_id == job_id, LedgerEntry.kind == EntryKind.SETTLE.value
+        )
+        with self._sessions.read() as session:
+            return int(session.scalar(query) or 0)
 
     def free_images_used(self, key_id: int, now: datetime | None = None) -> int:
         """Images of the free allowance a key has used in the calendar month (UTC) of `now`."""

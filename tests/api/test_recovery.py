@@ -525,12 +525,15 @@ def test_a_landed_end_whose_answer_was_lost_is_announced_once_the_database_answe
 
         monkeypatch.setattr(service.jobs, "get", get)
         sent = notifications(service)
+        service.metrics = metrics = RecordingMetrics()
         [job_id] = await accept(service, 1, **HOOK)
         await service.drain()
         assert sent == [] and landed  # its end is not known here yet
         down = False
         await asyncio.gather(*service._background)
         assert sent == [(0, job_id)]
+        price = service.prices.price_per_image(real_get(job_id).model_id)
+        assert [usd for *_, usd in metrics.of("billed")] == [price] and price > 0
         assert real_get(job_id).status is JobStatus.SUCCESS
         assert await service.maintain_once() == ([], [])  # nothing for the sweep
         assert sent == [(0, job_id)]

@@ -22,7 +22,7 @@ from PIL import Image
 from service.api.routes import create_app
 from service.config import Settings
 from service.engine.protocol import GenerationOutput, GenerationParams
-from service.pricing import PlanLimits
+from service.pricing import PlanLimits, PriceList
 from service.serving.ingress import build_image_service
 from tests.recording import HOSTED_API_NULLS, RecordingMetrics
 
@@ -617,3 +617,20 @@ def test_every_api_call_is_counted_once_by_route_and_outcome(tmp_path):
     ]
     assert busy["status"] == "error" and "Server busy" in busy["message"]
     assert metrics.of("rate_limit") == [("pay_per_use",)]  # the capacity 429 too
+
+
+def test_billed_metric_is_what_the_ledger_charged_when_the_price_changes_meanwhile(tmp_path):
+    app, engine, service = make_app(tmp_path, default_price_per_image_usd="0.002")
+    service.metrics = metrics = RecordingMetrics()
+
+    async def repriced_while_generating(params):
+        service.prices = PriceList(Decimal("0.05"))  # a new price list lands meanwhile
+        return await engine(params)
+
+    service._generate = repriced_while_generating
+    with TestClient(app) as client:
+        body = post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64, samples=3)
+    assert body.json()["status"] == "success"
+    charged = -sum(e.amount_micros for e in service.ledger.entries(job_id=body.json()["id"]))
+    assert charged == 3 * 2000  # reserved at the price of the moment it was accepted
+    assert metrics.of("billed") == [("stable-diffu", "pay_per_use", Decimal("0.006"))]
