@@ -19,9 +19,10 @@ def test_quick_run_compares_both_modes_under_the_same_stream(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "batching.py"), "--quick"]
     command += ["--device", "cpu", "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "highest load with p95" in done.stdout
+    # 110 s measured beside other work on 2 cores: the bound only stops a hang
+    done = subprocess.run(command, capture_output=True, text=True, timeout=480, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "highest load with p95" in done.stdout, done.stdout[-2000:]
 
     result = json.loads(out.read_text())
     assert result["device"]["type"] == "cpu" and result["model"] == "tiny"
