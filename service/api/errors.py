@@ -157,10 +157,18 @@ def install_error_handlers(app: FastAPI, strict: bool) -> None:
 
     @app.exception_handler(OperationalError)
     async def _database_down(request: Request, exc: OperationalError):
-        log.error("database unreachable: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        # SQLSTATE class 40 (deadlock, serialization failure): the database answered, and
+        # rolled this transaction back in favour of another one
+        if str(getattr(exc.orig, "sqlstate", "") or "").startswith("40"):
+            log.error("database transaction rolled back: %s", first_line)
+            reason = "the database rolled this request back to resolve a conflict"
+        else:
+            log.error("database unreachable: %s", first_line)
+            reason = "the database cannot be reached"
         error = ApiError(
             ErrorKind.UNAVAILABLE,
-            "Service temporarily unavailable: the database cannot be reached; retry shortly",
+            f"Service temporarily unavailable: {reason}; retry shortly",
             retry_after=DATABASE_RETRY_AFTER_S,
         )
         _record(request, error)

@@ -357,7 +357,20 @@ class JobStore:
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             )
-            for job in session.scalars(query):
+            found = list(session.scalars(query))
+            # Releasing debits each job's key. Another replica's sweep holds other jobs (SKIP
+            # LOCKED) of the same keys, maybe in the opposite order: locking the keys in one
+            # order first is what keeps two sweeps (and the requests queued behind their key
+            # locks) out of a deadlock.
+            given_up = {job.key_hash for job in found if job.attempts >= max_attempts}
+            if given_up:
+                session.execute(
+                    select(ApiKey.id)
+                    .where(ApiKey.key_hash.in_(sorted(given_up)))
+                    .order_by(ApiKey.id)
+                    .with_for_update()
+                )
+            for job in found:
                 if job.attempts >= max_attempts:
                     job.status = JobStatus.FAILED.value
                     job.message = (

@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 from PIL import Image
 
 from service.api.routes import create_app
@@ -634,3 +635,31 @@ def test_billed_metric_is_what_the_ledger_charged_when_the_price_changes_meanwhi
     charged = -sum(e.amount_micros for e in service.ledger.entries(job_id=body.json()["id"]))
     assert charged == 3 * 2000  # reserved at the price of the moment it was accepted
     assert metrics.of("billed") == [("stable-diffu", "pay_per_use", Decimal("0.006"))]
+
+
+class _Rollback(Exception):
+    sqlstate = "40P01"  # deadlock_detected, as psycopg's errors carry it
+
+
+@pytest.mark.parametrize(
+    ("orig", "reason"),
+    [
+        (_Rollback("deadlock detected"), "the database rolled this request back"),
+        (ConnectionRefusedError("connection refused"), "the database cannot be reached"),
+    ],
+)
+def test_a_database_error_answers_503_saying_which_it_was(tmp_path, orig, reason):
+    app, engine, service = make_app(tmp_path)
+
+    def create(**_fields):
+        raise OperationalError("INSERT INTO jobs ...", {}, orig)
+
+    service.jobs.create = create
+    with TestClient(app) as client:
+        answer = post(client, "/api/v6/images/text2img", prompt="x", width=64, height=64)
+    assert answer.status_code == 503 and answer.headers["Retry-After"]
+    body = answer.json()
+    assert body["status"] == "error" and body["message"].startswith(
+        f"Service temporarily unavailable: {reason}"
+    )
+    assert "INSERT" not in body["message"] and engine.calls == []

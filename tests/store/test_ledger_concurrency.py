@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
+import pytest
+from sqlalchemy.exc import OperationalError
+
 from service.pricing import Plan, PlanLimits
+from service.store import ledger
 from service.store.errors import ConcurrencyLimitExceeded, InsufficientCredit
 
 PRICE = Decimal("0.0047")
@@ -133,3 +138,51 @@ def test_processes_sharing_a_sqlite_file_never_overspend_a_key(tmp_path):
     assert accepted == 25
     assert KeyStore(sessions).get(key.id).balance_micros == 0
     assert Ledger(sessions).audit() == []
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)  # SQLite has one writer at a time
+def test_two_sweeps_giving_up_orphans_of_the_same_keys_do_not_deadlock(db, monkeypatch):
+    """A dead replica left jobs of keys a, b, b, a; two replicas sweep at once and each gets two
+    of them (SKIP LOCKED), so their refunds meet the keys in opposite orders. A request of key a
+    queued behind them must be accepted, and both sweeps must end every job they took."""
+    keys = db.keys()
+    _, a = keys.create("a", Plan.PAY_PER_USE, balance=Decimal("1"))
+    _, b = keys.create("b", Plan.PAY_PER_USE, balance=Decimal("1"))
+    dead = db.jobs()
+    orphans = [one_image_request(dead, key).id for key in (a, b, b, a)]
+    db.clock.advance(seconds=1)  # their heartbeats are now stale
+    release = ledger.release
+
+    def slow_release(conn, job_id, *, now):  # holds each key lock long enough to meet the other
+        released = release(conn, job_id, now=now)
+        time.sleep(0.3)
+        return released
+
+    monkeypatch.setattr(ledger, "release", slow_release)
+    outcomes: dict[str, object] = {}
+
+    def run(name, delay_s, work):
+        time.sleep(delay_s)
+        try:
+            outcomes[name] = work()
+        except OperationalError as exc:
+            outcomes[name] = exc
+
+    threads = [
+        threading.Thread(target=run, args=(name, delay, work))
+        for name, delay, work in (
+            ("first", 0.0, lambda: db.jobs().claim_orphans("first", 0.0, 1, 2)),
+            ("second", 0.1, lambda: db.jobs().claim_orphans("second", 0.0, 1, 2)),
+            ("request", 0.2, lambda: one_image_request(db.jobs(), a)),
+        )
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert not isinstance(outcomes["request"], Exception), outcomes["request"]
+    assert outcomes["first"] == ([], orphans[:2]), outcomes["first"]
+    assert outcomes["second"] == ([], orphans[2:]), outcomes["second"]
+    assert keys.get(a.id).balance_micros == keys.get(b.id).balance_micros - 4_700  # the request
+    assert db.ledger().audit() == []
