@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy.exc import OperationalError
 from PIL import Image
+from sqlalchemy.exc import OperationalError
 
 from service.api.routes import create_app
 from service.config import Settings
