@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     try:
         return args.run(args) or 0
@@ -59,6 +60,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdserve: invalid settings (SDSERVE_* or the Serve config's args.settings):\n"
               f"{_describe(error)}", file=sys.stderr)  # fmt: skip
         return 2
+    except SettingsError as error:  # an SDSERVE_* value that is not the JSON it must be
+        print(f"sdserve: invalid settings: {_settings_error(error)}", file=sys.stderr)
+        return 2
+    except StartupError as error:
+        print(f"sdserve: {error}", file=sys.stderr)
+        return 2
+
+
+class StartupError(Exception):
+    """Something `serve` would otherwise find only inside a replica, after Ray has started."""
+
+
+def _settings_error(error: Exception) -> str:
+    """pydantic-settings' 'error parsing value for field "models" from source ...' as the
+    variable's name and what it needs."""
+    text = str(error)
+    field = text.split('field "', 1)[1].split('"', 1)[0] if 'field "' in text else None
+    if field is None:
+        return text
+    cause = f" ({error.__cause__})" if error.__cause__ else ""
+    return f"SDSERVE_{field.upper()}: not valid JSON for this setting{cause}"
 
 
 def _describe(error) -> str:
@@ -88,11 +110,19 @@ def _migrate(_args) -> int:
 
 
 def load_serve_config(path: str) -> tuple[dict, dict]:
-    """The first application's `args` and the `http_options` of a Serve config file."""
+    """The first application's `args` and the `http_options` of a Serve config file (none:
+    the defaults, unless the file was asked for by name)."""
     config_path = Path(path)
     if not config_path.exists():
+        if path != DEFAULT_SERVE_CONFIG:
+            raise StartupError(f"--config: {path} does not exist")
         return {}, {}
-    config = yaml.safe_load(config_path.read_text()) or {}
+    try:
+        config = yaml.safe_load(config_path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise StartupError(f"--config: {path} is not a readable YAML file: {exc}") from None
+    if not isinstance(config, dict):
+        raise StartupError(f"--config: {path} must hold a mapping (a Serve config)")
     apps = config.get("applications") or [{}]
     return apps[0].get("args") or {}, config.get("http_options") or {}
 
@@ -120,7 +150,52 @@ def _ensure_models(settings_overrides: dict) -> None:
             print(f"no model at {path}: building the tiny demo model (it draws noise)")
             build_tiny_model(path)
         else:
-            raise SystemExit(f"model '{model_id}': folder {path} does not exist")
+            raise StartupError(f"SDSERVE_MODELS: model '{model_id}': folder {path} does not exist")
+
+
+def preflight(settings, app_args: dict, config_path: str) -> None:
+    """Open what the replicas will open, before Ray starts: a wrong database URL, image store,
+    model folder or Serve config then stops `serve` at once with the setting's name, instead of
+    a failed deployment a minute later whose reason is only in a replica's log."""
+    from pydantic import ValidationError
+
+    from service.registry import ModelRegistry
+    from service.serving.app import AppConfig
+    from service.store.db import make_engine, migrate
+    from service.store.images import ImageStore
+
+    try:
+        AppConfig.model_validate({**app_args, "settings": {}})
+    except ValidationError as error:
+        raise StartupError(
+            f"invalid Serve config args ({config_path}, applications[0].args):\n{_describe(error)}"
+        ) from None
+    try:
+        ModelRegistry(settings)
+    except ValueError as exc:
+        raise StartupError(f"SDSERVE_MODELS: {exc}") from None
+    try:
+        engine = make_engine(settings.database_url)
+        try:
+            migrate(engine)
+        finally:
+            engine.dispose()
+    except Exception as exc:  # any driver's error: its first line says what went wrong
+        raise StartupError(
+            f"SDSERVE_DATABASE_URL: the database cannot be opened: {_first_line(exc)}"
+        ) from None
+    try:
+        ImageStore(settings.image_store_url).check_writable()
+    except Exception as exc:
+        raise StartupError(
+            f"SDSERVE_IMAGE_STORE_URL: {settings.image_store_url} cannot be written: "
+            f"{_first_line(exc)}"
+        ) from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _serve(args) -> int:
@@ -141,6 +216,7 @@ def _serve(args) -> int:
     app_args = {**app_args, "settings": overrides}
     _ensure_models(overrides)
     settings = load_settings(**overrides)
+    preflight(settings, app_args, args.config)
 
     apply_ray_env()
     ray.init(

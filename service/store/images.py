@@ -7,6 +7,7 @@ import contextlib
 import io
 import re
 import time
+import uuid
 
 import fsspec
 import numpy as np
@@ -38,6 +39,14 @@ class ImageStore:
         self._fs, self._root = fsspec.core.url_to_fs(url)
         self._root = self._root.rstrip("/")
         self._fs.makedirs(self._root + "/temp", exist_ok=True)
+
+    def check_writable(self) -> None:
+        """Write and remove a probe file: a store that cannot be written fails here, at start,
+        rather than on every job."""
+        probe = f"{self._root}/.write-check-{uuid.uuid4().hex}"
+        with self._fs.open(probe, "wb") as f:
+            f.write(b"sdserve")
+        self._fs.rm_file(probe)
 
     def _path(self, name: str) -> str:
         if not IMAGE_NAME.match(name):
