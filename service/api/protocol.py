@@ -598,8 +598,9 @@ class Text2ImgRequest(KeyedRequest):
                 scheduler_ok = False
                 problems.append(f"scheduler must be one of: {', '.join(SCHEDULERS)}")
 
-        algorithm_type = (self.algorithm_type or "").strip() or None
-        if algorithm_type and algorithm_type.lower() == "none":
+        # any letter case, as scheduler names (the engine lowercases it too)
+        algorithm_type = (self.algorithm_type or "").strip().lower() or None
+        if algorithm_type == "none":
             algorithm_type = None
         if algorithm_type and algorithm_type not in ALGORITHM_TYPES:
             scheduler_ok = False

@@ -93,6 +93,8 @@ def test_scheduler_without_suffix_and_algorithm_type():
     p, _ = params(scheduler="DPMSolverMultistep", algorithm_type="dpmsolver+++")
     assert p.scheduler == "DPMSolverMultistepScheduler" and p.algorithm_type == "dpmsolver+++"
     assert params(algorithm_type="none")[0].algorithm_type is None
+    shouted, _ = params(scheduler="dpmsolvermultistep", algorithm_type="DPMSolver+++")
+    assert shouted.algorithm_type == "dpmsolver+++"  # any letter case, as scheduler names
 
 
 @pytest.mark.parametrize(
