@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     tiny = commands.add_parser("tiny-model", help="write the tiny random-weight SD2 demo model")
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty folder that is not an earlier tiny model",
+    )
     tiny.set_defaults(run=_tiny_model)
 
     migrate_cmd = commands.add_parser("migrate", help="bring the database schema up to date")
@@ -63,13 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:  # an SDSERVE_* value that is not the JSON it must be
         print(f"sdserve: invalid settings: {_settings_error(error)}", file=sys.stderr)
         return 2
-    except StartupError as error:
+    except CommandError as error:
         print(f"sdserve: {error}", file=sys.stderr)
         return 2
 
 
-class StartupError(Exception):
-    """Something `serve` would otherwise find only inside a replica, after Ray has started."""
+class CommandError(Exception):
+    """Input a command cannot work with (for `serve`: what a replica would otherwise fail on,
+    after Ray has started): one line naming the setting or argument, exit status 2."""
 
 
 def _settings_error(error: Exception) -> str:
@@ -93,9 +99,20 @@ def _describe(error) -> str:
 
 
 def _tiny_model(args) -> int:
-    from service.engine.tiny_model import build_tiny_model
+    from service.engine.tiny_model import build_tiny_model, is_replaceable
 
-    path = build_tiny_model(args.directory, seed=args.seed)
+    directory = args.directory
+    if directory.exists() and not directory.is_dir():
+        raise CommandError(f"tiny-model: {directory} is a file, not a folder")
+    if not args.overwrite and not is_replaceable(directory):
+        raise CommandError(
+            f"tiny-model: {directory} holds other files (a real model's weights would be "
+            "replaced by random ones); pick an empty folder, or pass --overwrite"
+        )
+    try:
+        path = build_tiny_model(directory, seed=args.seed)
+    except OSError as exc:
+        raise CommandError(f"tiny-model: {directory} cannot be written: {exc}") from None
     print(f"tiny SD2-architecture model (random weights) written to {path}")
     return 0
 
@@ -115,14 +132,14 @@ def load_serve_config(path: str) -> tuple[dict, dict]:
     config_path = Path(path)
     if not config_path.exists():
         if path != DEFAULT_SERVE_CONFIG:
-            raise StartupError(f"--config: {path} does not exist")
+            raise CommandError(f"--config: {path} does not exist")
         return {}, {}
     try:
         config = yaml.safe_load(config_path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise StartupError(f"--config: {path} is not a readable YAML file: {exc}") from None
+        raise CommandError(f"--config: {path} is not a readable YAML file: {exc}") from None
     if not isinstance(config, dict):
-        raise StartupError(f"--config: {path} must hold a mapping (a Serve config)")
+        raise CommandError(f"--config: {path} must hold a mapping (a Serve config)")
     apps = config.get("applications") or [{}]
     return apps[0].get("args") or {}, config.get("http_options") or {}
 
@@ -150,7 +167,7 @@ def _ensure_models(settings_overrides: dict) -> None:
             print(f"no model at {path}: building the tiny demo model (it draws noise)")
             build_tiny_model(path)
         else:
-            raise StartupError(f"SDSERVE_MODELS: model '{model_id}': folder {path} does not exist")
+            raise CommandError(f"SDSERVE_MODELS: model '{model_id}': folder {path} does not exist")
 
 
 def preflight(settings, app_args: dict, config_path: str) -> None:
@@ -167,13 +184,13 @@ def preflight(settings, app_args: dict, config_path: str) -> None:
     try:
         AppConfig.model_validate({**app_args, "settings": {}})
     except ValidationError as error:
-        raise StartupError(
+        raise CommandError(
             f"invalid Serve config args ({config_path}, applications[0].args):\n{_describe(error)}"
         ) from None
     try:
         ModelRegistry(settings)
     except ValueError as exc:
-        raise StartupError(f"SDSERVE_MODELS: {exc}") from None
+        raise CommandError(f"SDSERVE_MODELS: {exc}") from None
     try:
         engine = make_engine(settings.database_url)
         try:
@@ -181,13 +198,13 @@ def preflight(settings, app_args: dict, config_path: str) -> None:
         finally:
             engine.dispose()
     except Exception as exc:  # any driver's error: its first line says what went wrong
-        raise StartupError(
+        raise CommandError(
             f"SDSERVE_DATABASE_URL: the database cannot be opened: {_first_line(exc)}"
         ) from None
     try:
         ImageStore(settings.image_store_url).check_writable()
     except Exception as exc:
-        raise StartupError(
+        raise CommandError(
             f"SDSERVE_IMAGE_STORE_URL: {settings.image_store_url} cannot be written: "
             f"{_first_line(exc)}"
         ) from None

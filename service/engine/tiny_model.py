@@ -163,7 +163,21 @@ def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
     # safetensors writes owner-only files; a model folder is read by other users (containers).
     for weights in path.rglob("*.safetensors"):
         weights.chmod(0o644)
+    (path / TINY_MODEL_MARKER).write_text(
+        "Random weights written by `sdserve tiny-model`: it may write here again.\n"
+    )
     return path
+
+
+# What tells `sdserve tiny-model` that a non-empty folder is its own (so, not real weights)
+TINY_MODEL_MARKER = "sdserve-tiny-model.txt"
+
+
+def is_replaceable(path: Path) -> bool:
+    """A folder `sdserve tiny-model` may write into: missing, empty, or an earlier tiny model."""
+    if not path.exists():
+        return True
+    return path.is_dir() and (not any(path.iterdir()) or (path / TINY_MODEL_MARKER).is_file())
 
 
 def write_pipeline_files(path: Path) -> None:
