@@ -32,11 +32,17 @@ class Plan(enum.StrEnum):
         return self is Plan.PAY_PER_USE
 
 
-_MAX_SHIFT = 30  # 10**30 micro-dollars: far beyond any balance, and a bound on the work
+# The largest amount of money sdserve holds: a balance, a top-up, a price, a setting. One billion
+# USD, 10**15 micro-dollars: a signed 64-bit column (BIGINT, SQLite's INTEGER) holds 9.2 * 10**18,
+# so a request's price (a price times its images) and a sum over thousands of keys' balances
+# stay exact integers on every engine.
+MAX_USD = Decimal(1_000_000_000)
+MAX_MICROS = int(MAX_USD) * MICROS_PER_USD
 
 
 def usd_to_micros(usd: Decimal | int | str) -> int:
-    """Exact micro-dollars of `usd`; ValueError for sub-micro precision, TypeError for floats."""
+    """Exact micro-dollars of `usd`; ValueError for sub-micro precision or a magnitude above
+    MAX_USD, TypeError for floats."""
     if isinstance(usd, float | bool):
         raise TypeError(f"money must be a Decimal, int or str, not {type(usd).__name__}")
     try:
@@ -56,9 +62,13 @@ def usd_to_micros(usd: Decimal | int | str) -> int:
         return 0
     if shift < 0:
         raise ValueError(f"{usd} USD is finer than a micro-dollar (0.000001 USD)")
-    if shift > _MAX_SHIFT:
-        raise ValueError(f"{usd} USD is out of range")
+    # the digits have no leading zero: the amount is at least 10**(len + shift - 1) micros, so
+    # a huge one is refused before its digits are turned into a number
+    if len(digits) + shift > len(str(MAX_MICROS)):
+        raise ValueError(f"{usd} USD is out of range: amounts are at most {MAX_USD} USD")
     micros = int("".join(map(str, digits))) * 10**shift
+    if micros > MAX_MICROS:
+        raise ValueError(f"{usd} USD is out of range: amounts are at most {MAX_USD} USD")
     return -micros if sign else micros
 
 

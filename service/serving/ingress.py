@@ -26,10 +26,9 @@ from service.registry import ModelRegistry
 from service.serving.generator import ReplicaUnusable
 from service.serving.logs import route_service_logs_through_serve
 from service.store.db import make_engine, make_sessionmaker, migrate
-from service.store.errors import KeyNameTaken
 from service.store.images import ImageStore
 from service.store.jobs import JobStore
-from service.store.keys import KeyStore
+from service.store.keys import KeyStore, KeyValueTaken
 from service.store.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -57,15 +56,26 @@ def build_image_service(settings: Settings, generate, metrics=None) -> ImageServ
     keys = KeyStore(sessions)
     seeds = []
     if settings.demo_key:
-        seeds.append((settings.demo_key, "demo", Plan.PAY_PER_USE, settings.demo_key_balance_usd))
+        demo = (settings.demo_key, "demo", Plan.PAY_PER_USE, settings.demo_key_balance_usd)
+        seeds.append(("SDSERVE_DEMO_KEY", *demo))
     if settings.admin_key:
-        seeds.append((settings.admin_key, "admin", Plan.PREMIUM, Decimal(0)))
-    for plaintext, name, plan, balance in seeds:
+        seeds.append(("SDSERVE_ADMIN_KEY", settings.admin_key, "admin", Plan.PREMIUM, Decimal(0)))
+    for setting, plaintext, name, plan, balance in seeds:
+        # A changed value rotates the named key in place (its old value stops working; the
+        # store logs it); an unchanged one leaves the key as it is, revoked or not.
         try:
-            keys.ensure(plaintext, name=name, plan=plan, balance=balance, admin=True)
-        except KeyNameTaken:
-            # Another value was configured before; keep that key rather than rotate silently.
-            log.warning("a key named %r already exists with another value; not replacing it", name)
+            key = keys.ensure(plaintext, name=name, plan=plan, balance=balance, admin=True)
+        except KeyValueTaken as exc:
+            log.error("%s: not seeding the key named %r: %s", setting, name, exc)
+            continue
+        if key.revoked:
+            log.warning(
+                "%s: the key named %r (id %d) is revoked and this is still its value: it stays "
+                "revoked; configure a new value to rotate it into use",
+                setting,
+                name,
+                key.id,
+            )
     return ImageService(
         settings,
         jobs=JobStore(sessions, settings),

@@ -18,11 +18,14 @@ from decimal import Decimal, InvalidOperation
 from sqlalchemy.orm import sessionmaker
 
 from service.config import Settings, load_settings
-from service.pricing import Plan, format_usd, usd_to_micros
+from service.pricing import MAX_USD, Plan, format_usd, usd_to_micros
 from service.store.db import make_engine, make_sessionmaker, migrate
 from service.store.errors import StoreError
 from service.store.keys import KeyStore
 from service.store.ledger import Ledger, usage_document
+
+# How the key commands name a key. A name wins: a key named "7" is that key, never ID 7.
+KEY_ARGUMENT_HELP = "the key's name, or its ID (keys list) when no key has that name"
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +37,10 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument("--name", required=True, help="unique name of the key's holder")
     create.add_argument("--plan", required=True, choices=[plan.value for plan in Plan])
     create.add_argument(
-        "--balance", type=_usd, default=Decimal(0), help="first balance in USD (pay_per_use)"
+        "--balance",
+        type=_usd,
+        default=Decimal(0),
+        help=f"first balance in USD (pay_per_use), at most {MAX_USD}",
     )
     create.add_argument("--admin", action="store_true", help="may call the enterprise endpoints")
     create.add_argument(
@@ -46,7 +52,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     create.set_defaults(run=keys_create)
 
     expire = keys_commands.add_parser("expire", help="set or clear a key's expiry")
-    expire.add_argument("name")
+    expire.add_argument("name", help=KEY_ARGUMENT_HELP)
     when = expire.add_mutually_exclusive_group(required=True)
     when.add_argument("--at", dest="expires", type=_expiry, help="30d, 12h or an ISO time")
     when.add_argument("--never", action="store_true", help="the key never expires")
@@ -56,16 +62,18 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     keys_list.set_defaults(run=keys_list_command)
 
     revoke = keys_commands.add_parser("revoke", help="stop a key at once")
-    revoke.add_argument("name")
+    revoke.add_argument("name", help=KEY_ARGUMENT_HELP)
     revoke.set_defaults(run=keys_revoke)
 
     topup = keys_commands.add_parser("topup", help="add USD to a pay_per_use key's balance")
-    topup.add_argument("name")
-    topup.add_argument("usd", type=_usd)
+    topup.add_argument("name", help=KEY_ARGUMENT_HELP)
+    topup.add_argument(
+        "usd", type=_usd, help=f"USD to add; the balance stays at most {MAX_USD} USD"
+    )
     topup.set_defaults(run=keys_topup)
 
     usage = subparsers.add_parser("usage", help="delivered images and their price per key/model")
-    usage.add_argument("--key", help="only this key (name)")
+    usage.add_argument("--key", help=f"only this key: {KEY_ARGUMENT_HELP}")
     usage.add_argument("--since", type=_date, help="settled on or after this UTC date")
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
     usage.set_defaults(run=usage_command)
@@ -187,11 +195,15 @@ def _sessions(settings: Settings | None) -> Iterator[sessionmaker]:
 
 
 def _usd(text: str) -> Decimal:
+    """A USD amount: exact to the micro-dollar and at most MAX_USD (pricing.usd_to_micros)."""
     try:
         value = Decimal(text)
-        usd_to_micros(value)
-    except (InvalidOperation, ValueError) as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a USD amount: {exc}") from None
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a USD amount") from None
+    try:
+        usd_to_micros(text)  # its message quotes the amount as typed
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 
@@ -201,7 +213,10 @@ def _expiry(text: str) -> datetime:
     amount = re.fullmatch(r"(\d+(?:\.\d+)?)([dh])", text)
     if amount:
         unit = {"d": "days", "h": "hours"}[amount.group(2)]
-        return datetime.now(UTC) + timedelta(**{unit: float(amount.group(1))})
+        try:
+            return datetime.now(UTC) + timedelta(**{unit: float(amount.group(1))})
+        except OverflowError:
+            raise argparse.ArgumentTypeError(_too_late(text)) from None
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -210,7 +225,14 @@ def _expiry(text: str) -> datetime:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected 30d, 12h or an ISO time with a zone (2027-01-31T00:00Z)"
         )
-    return moment
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # near the calendar's ends: 9999-12-31T23:00-05:00 is 10000 in UTC
+        raise argparse.ArgumentTypeError(_too_late(text)) from None
+
+
+def _too_late(text: str) -> str:
+    return f"{text!r} is out of range: an expiry lies between now and {datetime.max:%Y-%m-%d} UTC"
 
 
 def _when(moment: datetime) -> str:

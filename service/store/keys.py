@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,12 +17,28 @@ from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, Integer, 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from service.pricing import Plan, micros_to_usd, usd_to_micros
+from service.pricing import MAX_MICROS, MAX_USD, Plan, format_usd, micros_to_usd, usd_to_micros
 from service.store.db import Base, Sessions
-from service.store.errors import InvalidApiKey, KeyNameTaken, KeyNotFound
+from service.store.errors import InvalidApiKey, KeyNameTaken, KeyNotFound, StoreError
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-"
 MAX_NAME_LENGTH = 128
+_KEY_NUMBER = re.compile(r"[0-9]{1,10}")  # ASCII digits only
+MAX_KEY_ID = 2**31 - 1  # the id column is a 32-bit INTEGER on PostgreSQL
+
+
+class KeyValueTaken(StoreError):
+    """A configured key's value is already the key of another name (seeding refuses it)."""
+
+    def __init__(self, name: str, holder: str):
+        super().__init__(
+            f"the value configured for the key named {name!r} is already the key named "
+            f"{holder!r}; configure another value"
+        )
+        self.name = name
+        self.holder = holder
 
 
 class ApiKey(Base):
@@ -104,9 +122,30 @@ def hash_key(plaintext: str) -> str:
 
 
 def find_key(session: Session, name_or_id: str | int, *, lock: bool = False) -> ApiKey | None:
-    """The key row with this id (int) or name (str), optionally locked FOR UPDATE."""
-    column = ApiKey.id if isinstance(name_or_id, int) else ApiKey.name
-    query = select(ApiKey).where(column == name_or_id)
+    """The key row with this id (int) or name (str), optionally locked FOR UPDATE. A name of
+    ASCII digits that no key has is taken as an id (`keys revoke 3` with `keys list`'s ID 3);
+    a key whose name it is always wins."""
+    if isinstance(name_or_id, int):
+        return _by_id(session, name_or_id, lock)
+    row = _select_one(session, ApiKey.name == name_or_id, lock)
+    if row is None and _KEY_NUMBER.fullmatch(name_or_id):
+        row = _by_id(session, int(name_or_id), lock)
+    return row
+
+
+def _by_id(session: Session, key_id: int, lock: bool) -> ApiKey | None:
+    if not 1 <= key_id <= MAX_KEY_ID:  # no such id, and more than the column's type holds
+        return None
+    return _select_one(session, ApiKey.id == key_id, lock)
+
+
+def _by_name(session: Session, name: str, *, lock: bool = False) -> ApiKey | None:
+    """The key row with exactly this name (no fallback to the id)."""
+    return _select_one(session, ApiKey.name == name, lock)
+
+
+def _select_one(session: Session, where, lock: bool) -> ApiKey | None:
+    query = select(ApiKey).where(where)
     return session.scalar(query.with_for_update() if lock else query)
 
 
@@ -129,7 +168,7 @@ class KeyStore:
         plaintext = generate_key()
         try:
             with self._sessions.begin() as session:
-                if find_key(session, name) is not None:
+                if _by_name(session, name) is not None:
                     raise KeyNameTaken(name)
                 row = self._insert(session, plaintext, name, plan, balance, admin)
                 if expires_at is not None:
@@ -146,25 +185,52 @@ class KeyStore:
         balance: Decimal = Decimal(0),
         admin: bool = False,
     ) -> KeyRecord:
-        """Seed a known key (the demo key) if missing; an existing one is returned untouched.
+        """Seed a configured key (the demo key, the admin key) under `name`, or rotate it.
 
-        Safe from several replicas at once. Raises KeyNameTaken if `name` holds another key.
+        No key named `name`: one is created with `balance`. The key holds `plaintext` already:
+        it is returned untouched, revoked or not (a revocation stands while the configuration
+        still holds the revoked value). It holds another value: the key is rotated to this one
+        in place: the old value stops working at once, a revoked key works again with the new
+        value, and its id, plan, balance and ledger stay (a rotation is not a new account).
+
+        Safe from several replicas at once: the row is changed under its lock, in one
+        transaction, and replicas starting with the same value all end with it. Raises
+        KeyValueTaken when `plaintext` is already the key of another name.
         """
         key_hash = hash_key(plaintext)
         for attempt in range(2):
             try:
                 with self._sessions.begin() as session:
-                    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
-                    if row is not None:
+                    row = _by_name(session, name, lock=True)
+                    if row is not None and row.key_hash == key_hash:
                         return KeyRecord.of(row)
-                    if find_key(session, name) is not None:
-                        raise KeyNameTaken(name)
-                    return KeyRecord.of(
-                        self._insert(session, plaintext, name, plan, balance, admin)
-                    )
+                    holder = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+                    if holder is not None and holder.name == name:
+                        # another replica created it after this transaction's first look
+                        return KeyRecord.of(holder)
+                    if holder is not None:
+                        raise KeyValueTaken(name, holder.name)
+                    if row is None:
+                        row = self._insert(session, plaintext, name, plan, balance, admin)
+                        return KeyRecord.of(row)
+                    was_revoked = row.revoked_at is not None
+                    row.key_hash = key_hash
+                    row.revoked_at = None
+                    session.flush()
+                    rotated = KeyRecord.of(row)
             except IntegrityError:
+                # another replica inserted the same name (or value) meanwhile: look again
                 if attempt:
                     raise
+                continue
+            log.warning(
+                "the configured value of the key named %r (id %d) changed: rotated it%s; the "
+                "previous value no longer works",
+                name,
+                rotated.id,
+                ", and lifted its revocation" if was_revoked else "",
+            )
+            return rotated
         raise AssertionError("unreachable")
 
     def authenticate(self, plaintext: str | None) -> KeyRecord | None:
@@ -196,9 +262,16 @@ class KeyStore:
     def _future(self, moment: datetime) -> datetime:
         if moment.tzinfo is None:
             raise ValueError("an expiry time must carry its time zone")
+        try:
+            moment = moment.astimezone(UTC)
+        except OverflowError:  # 9999-12-31T23:00-05:00 is in the year 10000 in UTC
+            raise ValueError(
+                f"an expiry time must be in the future and before {datetime.max:%Y-%m-%d} UTC, "
+                f"got {moment.isoformat()}"
+            ) from None
         if moment <= self._clock():
             raise ValueError(f"an expiry time must be in the future, got {moment.isoformat()}")
-        return moment.astimezone(UTC)
+        return moment
 
     def revoke(self, name_or_id: str | int) -> KeyRecord:
         """Stop a key at once (its next request and any job it has not yet created fail)."""
@@ -283,5 +356,12 @@ class KeyStore:
         if Plan(row.plan) is not Plan.PAY_PER_USE:
             raise ValueError(
                 f"key {row.name!r} is on the {row.plan} plan; only pay_per_use keys hold a balance"
+            )
+        balance = int(row.balance_micros) + micros
+        if balance > MAX_MICROS:
+            raise ValueError(
+                f"a top-up of {format_usd(micros_to_usd(micros))} USD would bring key "
+                f"{row.name!r}'s balance to {format_usd(micros_to_usd(balance))} USD; a balance "
+                f"is at most {format_usd(MAX_USD)} USD"
             )
         post_topup(session, row, micros, now=self._clock())

@@ -129,3 +129,63 @@ def test_usage_table_and_json(sdserve):
     }  # fmt: skip
     code, out, _ = sdserve("usage", "--since", "2999-01-01", "--json")
     assert json.loads(out)["usage"] == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "argument", "says"),
+    [
+        (("keys", "topup", "team-a", "9999999999999"), "usd", "at most 1000000000 USD"),
+        (("keys", "create", "--name", "big", "--plan", "pay_per_use", "--balance", "1e20"),
+         "--balance", "at most 1000000000 USD"),
+        (("keys", "create", "--name", "n", "--plan", "free", "--expires", "9999999d"),
+         "--expires", "out of range"),
+        (("keys", "expire", "a", "--at", "99999999999999999999h"), "--at", "out of range"),
+        (("keys", "create", "--name", "n", "--plan", "free", "--expires",
+          "9999-12-31T23:00-05:00"), "--expires", "out of range"),
+    ],
+)  # fmt: skip
+def test_out_of_range_amounts_and_expiries_are_usage_errors(sdserve, capsys, argv, argument, says):
+    with pytest.raises(SystemExit) as exited:
+        sdserve(*argv)
+    assert exited.value.code == 2
+    _, err = capsys.readouterr()
+    [message] = [line for line in err.splitlines() if "error:" in line]
+    assert f"argument {argument}: " in message and says in message
+    assert "Traceback" not in err
+
+
+def test_a_top_up_past_the_largest_balance_is_refused(sdserve):
+    sdserve("keys", "create", "--name", "team-a", "--plan", "pay_per_use", "--balance", "999999999")
+    code, out, err = sdserve("keys", "topup", "team-a", "2")
+    assert (code, out) == (1, "")
+    assert err == (
+        "error: a top-up of 2 USD would bring key 'team-a''s balance to 1000000001 USD; "
+        "a balance is at most 1000000000 USD\n"
+    )
+    assert sdserve("keys", "topup", "team-a", "1")[1].endswith("balance 1000000000 USD.\n")
+
+
+def test_keys_are_named_or_numbered(sdserve):
+    sdserve("keys", "create", "--name", "team-a", "--plan", "pay_per_use")
+    sdserve("keys", "create", "--name", "1", "--plan", "pay_per_use")  # id 2
+    code, out, _ = sdserve("keys", "topup", "2", "5")  # no key is named "2": the id
+    assert code == 0 and "to '1': balance 5 USD" in out
+    code, out, _ = sdserve("keys", "revoke", "1")  # the key named "1", not ID 1
+    assert code == 0 and "Revoked key '1' (id 2)" in out
+    code, out, _ = sdserve("keys", "expire", "2", "--never")
+    assert code == 0 and "Key '1' (id 2) never expires" in out
+    code, _, _ = sdserve("usage", "--key", "2")
+    assert code == 0
+    code, out, err = sdserve("keys", "revoke", "3")
+    assert (code, out, err) == (1, "", "error: No API key named or numbered '3'\n")
+    assert [line.split()[-1] for line in sdserve("keys", "list")[1].splitlines()] == [
+        "STATUS", "active", "revoked"
+    ]  # fmt: skip
+
+
+def test_the_key_argument_help_says_it_takes_an_id(sdserve, capsys):
+    for command in ("revoke", "topup", "expire"):
+        with pytest.raises(SystemExit):
+            sdserve("keys", command, "--help")
+        text = " ".join(capsys.readouterr().out.split())  # as argparse wraps it
+        assert "name the key's name, or its ID (keys list) when no key has that name" in text

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
-from datetime import datetime, timedelta
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from service.pricing import Plan
+from service.config import Settings
+from service.pricing import MAX_USD, Plan
 from service.store.errors import InvalidApiKey, KeyNameTaken, KeyNotFound
-from service.store.keys import hash_key
+from service.store.keys import KeyStore, KeyValueTaken, hash_key
 from service.store.ledger import EntryKind
 from tests.store.conftest import submit_job
 
@@ -91,8 +95,6 @@ def test_ensure_seeds_once_and_never_resets_the_balance(db):
     again = keys.ensure("sdserve-demo-key", "demo", Plan.PAY_PER_USE, Decimal("10"), admin=True)
     assert again.id == seeded.id and again.balance == Decimal("11")
     assert keys.authenticate("sdserve-demo-key") == again
-    with pytest.raises(KeyNameTaken):
-        keys.ensure("another-secret", "demo", Plan.PAY_PER_USE, Decimal("10"))
     assert len(db.ledger().entries(key_id=seeded.id)) == 2
 
 
@@ -143,3 +145,172 @@ def test_a_key_stops_working_when_it_expires(db):
         keys.create("naive", Plan.FREE, expires_at=datetime(2030, 1, 1))
     with pytest.raises(KeyNotFound):
         keys.set_expiry("nobody", None)
+
+
+def rotations(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "rotated" in r.getMessage()]
+
+
+def test_a_changed_value_rotates_the_named_key_and_keeps_its_account(db, caplog):
+    keys = db.keys()
+    first = keys.ensure("sk-old-admin", "admin", Plan.PAY_PER_USE, Decimal("10"), admin=True)
+    keys.topup("admin", Decimal("1"))
+    caplog.set_level(logging.WARNING, logger="service.store.keys")
+
+    rotated = keys.ensure("sk-new-admin", "admin", Plan.PAY_PER_USE, Decimal("10"), admin=True)
+    assert keys.authenticate("sk-old-admin") is None  # the old value stops working at once
+    assert keys.authenticate("sk-new-admin") == rotated
+    assert (rotated.id, rotated.name, rotated.admin) == (first.id, "admin", True)
+    assert rotated.key_hash == hash_key("sk-new-admin")
+    assert rotated.balance == Decimal("11")  # not a new account: no second first balance
+    assert [e.amount_micros for e in db.ledger().entries(key_id=first.id)] == [10**7, 10**6]
+    assert db.ledger().audit() == []
+    [logged] = rotations(caplog)
+    assert "'admin'" in logged and "sk-" not in logged and "new-admin" not in logged
+    assert [k.name for k in keys.list()] == ["admin"]
+
+
+def test_a_revoked_key_stays_revoked_until_its_value_changes(db, caplog):
+    keys = db.keys()
+    keys.ensure("sk-v1", "admin", Plan.PREMIUM)
+    keys.revoke("admin")
+    caplog.set_level(logging.WARNING, logger="service.store.keys")
+
+    # the configuration still holds the revoked value: the revocation is respected
+    again = keys.ensure("sk-v1", "admin", Plan.PREMIUM)
+    assert again.revoked and keys.authenticate("sk-v1") is None
+    assert rotations(caplog) == []
+
+    # a new value: the key works again, with that value only
+    rotated = keys.ensure("sk-v2", "admin", Plan.PREMIUM)
+    assert not rotated.revoked and rotated.id == again.id
+    assert keys.authenticate("sk-v2") == rotated
+    assert keys.authenticate("sk-v1") is None
+    [logged] = rotations(caplog)
+    assert "lifted its revocation" in logged
+
+
+def test_a_value_that_is_another_keys_is_refused(db):
+    keys = db.keys()
+    alice_secret, alice = keys.create("alice", Plan.FREE)
+    with pytest.raises(KeyValueTaken, match="'admin' is already the key named 'alice'"):
+        keys.ensure(alice_secret, "admin", Plan.PREMIUM, admin=True)  # no such key yet
+    keys.ensure("sk-admin", "admin", Plan.PREMIUM, admin=True)
+    with pytest.raises(KeyValueTaken):
+        keys.ensure(alice_secret, "admin", Plan.PREMIUM, admin=True)  # a rotation onto it
+    assert keys.authenticate("sk-admin").name == "admin"
+    assert keys.authenticate(alice_secret) == alice
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["seed", "rotate"])
+def test_replicas_starting_at_once_all_end_with_the_configured_value(db, caplog, existing):
+    if existing:
+        db.keys().ensure("sk-before", "admin", Plan.PAY_PER_USE, Decimal("5"))
+    caplog.set_level(logging.WARNING, logger="service.store.keys")
+    replicas = 8
+    start = threading.Barrier(replicas)
+
+    def replica(_):
+        keys = KeyStore(db.sessions, clock=db.clock)  # each replica its own store
+        start.wait()
+        return keys.ensure("sk-after", "admin", Plan.PAY_PER_USE, Decimal("5"))
+
+    with ThreadPoolExecutor(replicas) as pool:
+        seen = list(pool.map(replica, range(replicas)))
+
+    [key] = db.keys().list()
+    assert {r.id for r in seen} == {key.id} and key.key_hash == hash_key("sk-after")
+    assert all(r.key_hash == key.key_hash and not r.revoked for r in seen)
+    assert db.keys().authenticate("sk-before") is None
+    assert key.balance == Decimal("5") and len(db.ledger().entries(key_id=key.id)) == 1
+    # under the row lock one replica rotates and the others find it done
+    assert len(rotations(caplog)) == (1 if existing else 0)
+
+
+def test_startup_rotates_the_configured_admin_key(db, tmp_path, caplog):
+    """build_image_service seeds SDSERVE_ADMIN_KEY: a new value (a rotated Secret) replaces the
+    old one at the next start; a revoked value stays revoked, and says so."""
+    from service.serving.ingress import build_image_service
+    from tests.api.test_routes import write_model_configs
+
+    write_model_configs(tmp_path / "model")
+    url = db.engine.url.render_as_string(hide_password=False)
+
+    def start(admin_key: str) -> None:
+        settings = Settings(
+            database_url=url,
+            admin_key=admin_key,
+            demo_key="",
+            models={"stable-diffu": str(tmp_path / "model")},
+            image_store_url=str(tmp_path / "images"),
+        )
+        service = build_image_service(settings, generate=None)
+        service.keys._sessions.kw["bind"].dispose()
+
+    caplog.set_level(logging.WARNING)
+    keys = db.keys()
+    start("sk-leaked")
+    admin = keys.authenticate("sk-leaked")
+    assert admin.admin and admin.plan is Plan.PREMIUM
+
+    start("sk-fresh")
+    assert keys.authenticate("sk-leaked") is None
+    assert keys.authenticate("sk-fresh").id == admin.id
+
+    keys.revoke("admin")
+    caplog.clear()
+    start("sk-fresh")  # the Secret still holds the revoked value
+    assert keys.authenticate("sk-fresh") is None
+    [warning] = [r for r in caplog.records if r.name == "service.serving.ingress"]
+    assert warning.levelno == logging.WARNING and "revoked" in warning.getMessage()
+
+    start("sk-newest")
+    assert keys.authenticate("sk-newest").id == admin.id
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "sk-" not in logged
+    assert [k.name for k in keys.list()] == ["admin"]
+
+
+def test_balances_and_top_ups_stay_within_the_largest_amount(db):
+    keys = db.keys()
+    _, key = keys.create("rich", Plan.PAY_PER_USE, balance=MAX_USD)
+    assert key.balance == MAX_USD
+    with pytest.raises(ValueError, match="balance to 1000000000.000001 USD; a balance is at most"):
+        keys.topup("rich", Decimal("0.000001"))
+    with pytest.raises(ValueError, match="out of range"):
+        keys.topup("rich", Decimal("9999999999999"))
+    with pytest.raises(ValueError, match="out of range"):
+        keys.create("big", Plan.PAY_PER_USE, balance=Decimal("1e20"))
+    assert keys.find("rich").balance == MAX_USD
+    assert [k.name for k in keys.list()] == ["rich"]
+    assert db.ledger().audit() == []
+
+
+def test_a_number_that_names_no_key_is_its_id(db):
+    keys = db.keys()
+    _, alice = keys.create("alice", Plan.PAY_PER_USE)
+    _, one = keys.create("1", Plan.PAY_PER_USE)  # id 2, named "1"
+    assert keys.find("2") == one  # no key named "2": the key with id 2
+    assert keys.topup("2", Decimal("1")).name == "1"
+    assert keys.revoke("1").id == one.id  # a name always wins over an id
+    assert not keys.find("alice").revoked
+    assert keys.set_expiry("2", db.clock.now + timedelta(days=1)).name == "1"
+    # no such id, ids beyond the column (32-bit on PostgreSQL), a digit that is not ASCII
+    for unknown in ("3", "0", str(2**31), "9" * 18, "9" * 20, "٣"):
+        assert keys.find(unknown) is None
+        with pytest.raises(KeyNotFound, match="No API key named or numbered"):
+            keys.revoke(unknown)
+    # creating a key named like another's id is allowed: names are checked as names
+    _, two = keys.create("2", Plan.FREE)
+    assert keys.find("2") == two
+    assert keys.find(2**63) is None and keys.get(alice.id).name == "alice"
+
+
+def test_an_expiry_past_the_calendars_end_is_refused(db):
+    keys = db.keys()
+    keys.create("alice", Plan.FREE)
+    late = datetime(9999, 12, 31, 23, 0, tzinfo=timezone(timedelta(hours=-5)))
+    with pytest.raises(ValueError, match="must be in the future and before 9999-12-31"):
+        keys.set_expiry("alice", late)
+    latest = datetime(9999, 12, 31, 23, 0, tzinfo=UTC)
+    assert keys.set_expiry("alice", latest).expires_at == latest

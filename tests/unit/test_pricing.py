@@ -9,6 +9,8 @@ import pytest
 
 from service.config import Settings
 from service.pricing import (
+    MAX_MICROS,
+    MAX_USD,
     Plan,
     PlanLimits,
     PriceList,
@@ -67,7 +69,8 @@ def test_usd_is_printed_plainly():
 
 
 def test_price_list_defaults_to_the_hosted_price():
-    prices = PriceList.from_settings(Settings(prices_usd={"sdxl": Decimal("0.01")}))
+    models = {"stable-diffu": "models/tiny-sd2", "sdxl": "models/sdxl"}
+    prices = PriceList.from_settings(Settings(models=models, prices_usd={"sdxl": Decimal("0.01")}))
     assert prices.price_per_image("stable-diffu") == Decimal("0.0047")
     assert prices.price_per_image("sdxl") == Decimal("0.01")
     assert prices.micros_per_image("sdxl") == 10_000
@@ -119,9 +122,28 @@ def test_free_allowance_window_is_the_utc_calendar_month():
 
 
 def test_amounts_beyond_any_balance_are_refused_promptly():
-    assert usd_to_micros("12345678901234567890123456789.5") == 12345678901234567890123456789500000
+    with pytest.raises(ValueError, match="out of range"):
+        usd_to_micros("12345678901234567890123456789.5")
     with pytest.raises(ValueError, match="out of range"):
         usd_to_micros("1e999999999")
+    with pytest.raises(ValueError, match="out of range"):
+        usd_to_micros("1" * 100_000)  # more digits than int() turns into a number
     with pytest.raises(ValueError, match="finer than a micro-dollar"):
         usd_to_micros("1e-999999999")
     assert usd_to_micros("0e-999999999") == 0
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_amounts_are_at_most_a_billion_usd_which_a_64_bit_column_holds(sign):
+    assert (Decimal(10**9), 10**15) == (MAX_USD, MAX_MICROS)
+    assert MAX_MICROS * 1000 < 2**63 - 1  # sums of a thousand such balances still fit
+    assert usd_to_micros(sign * MAX_USD) == sign * MAX_MICROS
+    assert usd_to_micros(sign * Decimal("999999999.999999")) == sign * (MAX_MICROS - 1)
+    for beyond in ("1000000000.000001", "1e20", "9999999999999", "1000000001"):
+        with pytest.raises(ValueError, match=r"out of range: amounts are at most 1000000000 USD"):
+            usd_to_micros(sign * Decimal(beyond))
+
+
+def test_a_price_beyond_the_largest_amount_is_refused():
+    with pytest.raises(ValueError, match="out of range"):
+        PriceList(Decimal("0.0047"), {"m": Decimal("1e10")})
