@@ -192,6 +192,10 @@ def preflight(settings, app_args: dict, config_path: str) -> None:
     except ValueError as exc:
         raise CommandError(f"SDSERVE_MODELS: {exc}") from None
     try:
+        settings.check_folders()
+    except ValueError as exc:
+        raise CommandError(f"SDSERVE_{str(exc).split()[0].upper()}: {exc}") from None
+    try:
         engine = make_engine(settings.database_url)
         try:
             migrate(engine)

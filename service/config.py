@@ -14,6 +14,7 @@ import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +24,11 @@ DEFAULT_MAX_CONCURRENT_REQUESTS = {"free": 5, "pay_per_use": 10, "premium": 15}
 DEMO_API_KEY = "sdserve-demo-key"
 # Output files are `{uuid}-{i}.png` with a one- or two-digit i (service/store/images.py).
 MAX_SAMPLES_LIMIT = 99
+# What service/serving/generator.py resolve_device and the engine take: torch.device names.
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# A job beats once per round and a round sleeps heartbeat_interval_s after the previous one
+# ended: a job that missed no more than one beat must not look orphaned.
+ORPHAN_AFTER_HEARTBEATS = 2
 
 
 class ModelSpec(BaseModel):
@@ -46,7 +52,8 @@ EMBEDDING_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # usable as a trigger 
 class Settings(BaseSettings):
     """Runtime settings of the ingress and the generator."""
 
-    model_config = SettingsConfigDict(env_prefix="SDSERVE_", extra="forbid")
+    # No setting means anything by inf or nan (a timeout of inf never ends, nan compares false).
+    model_config = SettingsConfigDict(env_prefix="SDSERVE_", extra="forbid", allow_inf_nan=False)
 
     # models
     models: dict[str, str | ModelSpec] = Field(
@@ -73,7 +80,9 @@ class Settings(BaseSettings):
         None, description="Models loaded and warmed at replica start; default: the default one."
     )
     default_model_id: str = Field(DEFAULT_MODEL_ID, description="Used when model_id is omitted.")
-    device: str = Field("auto", description="'auto' picks cuda when available, else cpu.")
+    device: str = Field(
+        "auto", description="auto, cpu, cuda or cuda:N; 'auto' picks cuda when available, else cpu."
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
         description="'auto' is bfloat16 on cuda with the optimized path (float16 without it) "
@@ -124,7 +133,8 @@ class Settings(BaseSettings):
     )
     batch_buckets: list[int] = Field(
         default_factory=lambda: [2, 4, 8, 16, 32],
-        description="UNet rows (2 per guided image) batches are padded to for CUDA graphs.",
+        description="UNet rows (2 per guided image) batches are padded to for CUDA graphs: at "
+        "least one bucket, each of at least 2 rows.",
     )
     vae_batch_size: int = Field(
         1, ge=1, description="Images one VAE decode takes (more: faster decodes, more memory)."
@@ -134,15 +144,24 @@ class Settings(BaseSettings):
     )
 
     # request bounds (operator-configurable; README, "The API")
-    min_size: int = Field(256, description="Smallest width/height in pixels.")
-    max_size: int = Field(1024, description="Largest width/height in pixels.")
-    max_steps: int = Field(50, description="Largest num_inference_steps.")
+    min_size: int = Field(
+        256, ge=1, description="Smallest width/height in pixels (rounded up to a multiple of 8)."
+    )
+    max_size: int = Field(
+        1024,
+        ge=8,
+        description="Largest width/height in pixels (rounded down to a multiple of 8); at least "
+        "one multiple of 8 must lie between min_size and max_size.",
+    )
+    max_steps: int = Field(50, ge=1, description="Largest num_inference_steps.")
     max_samples: int = Field(
         4,
         description=f"Largest number of images per request (1 to {MAX_SAMPLES_LIMIT}: output "
         "file names give each image a two-digit index).",
     )
-    max_body_bytes: int = Field(64 * 1024, description="Requests with larger bodies are refused.")
+    max_body_bytes: int = Field(
+        64 * 1024, ge=1, description="Requests with larger bodies are refused."
+    )
 
     # storage
     database_url: str = Field(
@@ -167,7 +186,9 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="How often each ingress replica prunes the image store."
     )
     public_base_url: str = Field(
-        "http://127.0.0.1:8000", description="Base of every URL the API returns."
+        "http://127.0.0.1:8000",
+        description="Base of every URL the API returns (an http:// or https:// URL); "
+        "`sdserve serve` defaults it to http://{host}:{port} of where it listens.",
     )
 
     # keys, plans and prices
@@ -179,7 +200,8 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(
         None,
         description="A premium admin key named 'admin' created at start if missing "
-        "(deployments set it from a Secret; rotate it with `sdserve keys`).",
+        "(deployments set it from a Secret); a new value rotates the key in place at the next "
+        "start (docs/deployment.md, API keys).",
     )
     demo_key_balance_usd: Decimal = Field(Decimal("10"), description="Demo key's first balance.")
     default_price_per_image_usd: Decimal = Field(
@@ -200,19 +222,26 @@ class Settings(BaseSettings):
 
     # request lifecycle
     sync_window_s: float = Field(
-        60.0, description="How long text2img waits for images before answering 'processing'."
+        60.0,
+        ge=0,
+        description="How long text2img waits for images before answering 'processing' (0: "
+        "answer 'processing' at once, as with instant_response).",
     )
     eta_seconds_per_step: float = Field(
-        0.05, description="Rough per-step time used for the `eta` of processing responses."
+        0.05, gt=0, description="Rough per-step time used for the `eta` of processing responses."
     )
-    webhook_timeout_s: float = Field(30.0, description="Per-attempt timeout of a webhook POST.")
+    webhook_timeout_s: float = Field(
+        30.0, gt=0, description="Per-attempt timeout of a webhook POST."
+    )
     webhook_secret: str | None = Field(
         None,
         description="Signs every webhook POST: X-Sdserve-Signature: t=<unix time>,v1=<hex "
         "HMAC-SHA256 of '<t>.<body>'>, for receivers to verify. Unset: unsigned.",
     )
-    webhook_attempts: int = Field(3, description="Webhook POST attempts before giving up.")
-    webhook_backoff_s: float = Field(1.0, description="First retry delay; doubles per attempt.")
+    webhook_attempts: int = Field(3, ge=1, description="Webhook POST attempts before giving up.")
+    webhook_backoff_s: float = Field(
+        1.0, ge=0, description="First retry delay; doubles per attempt (0: retry at once)."
+    )
     max_inflight_jobs: int = Field(
         256, ge=1, description="Jobs one ingress replica runs at once; beyond that: 429."
     )
@@ -231,7 +260,10 @@ class Settings(BaseSettings):
         5.0, gt=0, description="How often an ingress replica marks its running jobs alive."
     )
     orphan_after_s: float = Field(
-        30.0, gt=0, description="A processing job without a heartbeat this long is taken over."
+        30.0,
+        gt=0,
+        description="A processing job without a heartbeat this long is taken over; at least "
+        f"{ORPHAN_AFTER_HEARTBEATS} x heartbeat_interval_s.",
     )
     max_job_attempts: int = Field(
         3, ge=1, description="Attempts of a job whose server died before it is failed."
@@ -298,15 +330,69 @@ class Settings(BaseSettings):
     def _money_and_plans_are_usable(self) -> Settings:
         """The checks the stores make when a replica builds them, made here so that a bad
         value stops `sdserve serve` (or a Serve deploy) at once instead of each replica."""
-        from service.pricing import PlanLimits, PriceList, usd_to_micros
+        from service.pricing import PlanLimits, PriceList
 
+        unknown = sorted(set(self.prices_usd) - set(self.models))
+        if unknown:
+            raise ValueError(
+                f"prices_usd names model(s) {', '.join(map(repr, unknown))} that are not in "
+                f"models (it would price nothing); models: {', '.join(sorted(self.models))}"
+            )
+        amounts = {
+            "default_price_per_image_usd": self.default_price_per_image_usd,
+            **{f"prices_usd.{model_id}": usd for model_id, usd in self.prices_usd.items()},
+            **{
+                f"models.{model_id}.price_per_image_usd": spec.price_per_image_usd
+                for model_id, spec in self.model_specs().items()
+                if spec.price_per_image_usd is not None
+            },
+            "demo_key_balance_usd": self.demo_key_balance_usd,
+        }
+        for name, usd in amounts.items():
+            _exact_usd(name, usd)
+        if self.gpu_hour_price_usd < 0:
+            raise ValueError(
+                f"gpu_hour_price_usd must not be negative, got {self.gpu_hour_price_usd} USD"
+            )
         PlanLimits.from_settings(self)
         PriceList.from_settings(self)
-        for name in ("demo_key_balance_usd", "gpu_hour_price_usd"):
-            value = getattr(self, name)
-            if value < 0:
-                raise ValueError(f"{name} must not be negative, got {value} USD")
-        usd_to_micros(self.demo_key_balance_usd)
+        return self
+
+    @model_validator(mode="after")
+    def _sizes_have_a_multiple_of_8(self) -> Settings:
+        smallest, largest = -(-self.min_size // 8) * 8, self.max_size // 8 * 8
+        if self.min_size > self.max_size:
+            raise ValueError(
+                f"min_size {self.min_size} is above max_size {self.max_size}: no width or "
+                "height would be accepted"
+            )
+        if smallest > largest:
+            raise ValueError(
+                f"min_size {self.min_size} to max_size {self.max_size} holds no multiple of 8: "
+                "no width or height would be accepted"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _model_sizes_are_multiples_of_8(self) -> Settings:
+        for model_id, spec in self.models.items():
+            for name in ("width", "height"):
+                size = getattr(spec, name, None)
+                if size is not None and (size < 8 or size % 8):
+                    raise ValueError(
+                        f"models.{model_id}.{name} must be a positive multiple of 8, got {size}"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _orphans_are_jobs_that_missed_heartbeats(self) -> Settings:
+        least = ORPHAN_AFTER_HEARTBEATS * self.heartbeat_interval_s
+        if self.orphan_after_s < least:
+            raise ValueError(
+                f"orphan_after_s {self.orphan_after_s:g} must be at least "
+                f"{ORPHAN_AFTER_HEARTBEATS} x heartbeat_interval_s ({least:g}): else the jobs of a "
+                "live replica are taken over as orphans between its heartbeats"
+            )
         return self
 
     @model_validator(mode="after")
@@ -345,12 +431,37 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("image_url_base")
+    @field_validator("image_url_base", "public_base_url")
     @classmethod
-    def _image_url_base_is_a_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    def _is_an_http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"{value!r} is not an http:// or https:// URL with a host (e.g. "
+                "http://localhost:8000)"
+            )
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_is_one_the_engine_runs_on(cls, value: str) -> str:
+        if not DEVICE.fullmatch(value):
+            raise ValueError(
+                f"device must be auto, cpu, cuda or cuda:N (N: a GPU index), got {value!r}"
+            )
+        return value
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _buckets_hold_a_guided_image(cls, buckets: list[int]) -> list[int]:
+        if not buckets or min(buckets) < 2:
+            raise ValueError(
+                "batch_buckets needs at least one bucket, each of at least 2 rows (a batch "
+                f"dimension of 1 would be specialised by torch.compile), got {buckets}"
+            )
+        return buckets
 
     @field_validator("webhook_allowed_hosts")
     @classmethod
@@ -382,6 +493,16 @@ class Settings(BaseSettings):
         if self.optimize != "auto":
             options["enabled"] = self.optimize == "on"
         return options
+
+    def check_folders(self) -> None:
+        """ValueError naming the first of lora_dir, embeddings_dir and vae_dir that is set but
+        is no folder here. Not a validator: the Serve application is built on the Ray head,
+        which need not mount the folders the generator replicas read (helm/, k8s/), so this
+        is for the machine that runs the generators (`sdserve serve`'s checks before Ray)."""
+        for name in ("lora_dir", "embeddings_dir", "vae_dir"):
+            folder = getattr(self, name)
+            if folder and not Path(folder).is_dir():
+                raise ValueError(f"{name} {folder} is not a folder (unset it to serve none)")
 
     def model_specs(self) -> dict[str, ModelSpec]:
         return {
@@ -429,6 +550,19 @@ class Settings(BaseSettings):
             if self.preload_models is not None
             else [self.default_model_id]
         )
+
+
+def _exact_usd(name: str, usd: Decimal) -> int:
+    """Micro-dollars of a money setting; ValueError naming the setting otherwise."""
+    from service.pricing import usd_to_micros
+
+    try:
+        micros = usd_to_micros(usd)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    if micros < 0:
+        raise ValueError(f"{name} must not be negative, got {usd} USD")
+    return micros
 
 
 def _is_network(text: str) -> bool:

@@ -44,6 +44,7 @@ def settings(tmp_path):
         demo_key_balance_usd=1,
         min_size=64,
         orphan_after_s=0.2,
+        heartbeat_interval_s=0.05,  # orphan_after_s must span 2 beats
         max_job_attempts=2,
     )
 

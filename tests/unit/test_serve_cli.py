@@ -91,6 +91,11 @@ def test_what_replicas_would_fail_on_stops_serve_before_ray_starts(serve_here, t
             "SDSERVE_MODELS: model 'stable-diffu': ",
         ),
         ({"SDSERVE_MODELS": '{"stable-diffu": "x",}'}, (), "SDSERVE_MODELS: not valid JSON"),
+        (
+            {"SDSERVE_LORA_DIR": str(tmp_path / "no-loras")},
+            (),
+            f"SDSERVE_LORA_DIR: lora_dir {tmp_path / 'no-loras'} is not a folder",
+        ),
         ({}, ("--config", "missing.yaml"), "--config: missing.yaml does not exist"),
         ({}, ("--config", "typo.yaml"), "generator_replica: Extra inputs are not permitted"),
     ]
