@@ -21,7 +21,7 @@ from pathlib import Path
 
 from service.config import ModelSpec, Settings, load_settings
 from service.pricing import PriceList, format_usd
-from service.registry import ModelInfo, ModelRegistry
+from service.registry import ModelConfigError, ModelInfo, ModelRegistry
 
 MODELS_DIR = Path("models")
 MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -175,8 +175,11 @@ def _model_entry(settings: Settings, model_id: str, spec: ModelSpec, prices: Pri
     try:
         info = _model_info(settings, model_id, spec)
         native = _model_info(settings, model_id, ModelSpec(path=spec.path))  # no size override
-    except (ValueError, KeyError, OSError) as exc:  # KeyError/ValueError: a broken config.json
-        entry["status"] = f"invalid: {exc}"
+    except ModelConfigError as exc:  # a config file missing, not JSON, or of the wrong shape
+        entry["status"] = f"invalid: {exc.file}: {exc.problem}"
+        return entry
+    except Exception as exc:  # anything else: this folder's row says so, the others still show
+        entry["status"] = f"invalid: {path}: {type(exc).__name__}: {exc}"
         return entry
     entry.update(
         width=info.width,
@@ -186,29 +189,46 @@ def _model_entry(settings: Settings, model_id: str, spec: ModelSpec, prices: Pri
         default_steps=info.default_steps,
         prediction_type=info.prediction_type,
     )
-    problem = _model_folder_problem(path)
-    if problem:
-        entry["status"] = f"invalid: {problem}"
+    problems = _model_folder_problems(path)
+    if problems:
+        entry["status"] = "invalid: " + "; ".join(problems)
     return entry
 
 
-def _model_folder_problem(path: Path) -> str | None:
-    """What keeps a diffusers SD folder from loading, judged from its files (no weights read)."""
-    if not (path / "model_index.json").is_file():
-        return "no model_index.json"
-    if not (path / "scheduler" / "scheduler_config.json").is_file():
-        return "no scheduler/scheduler_config.json"
+def _model_folder_problems(path: Path) -> list[str]:
+    """What keeps a diffusers SD folder from loading, judged from its files (no weights read),
+    each naming its file; the configs the registry reads are checked there."""
+    problems = []
+    index = path / "model_index.json"
+    try:
+        config = json.loads(index.read_bytes())
+    except FileNotFoundError:
+        problems.append(f"{index}: missing")
+    except OSError as exc:
+        problems.append(f"{index}: cannot be read ({exc.strerror or exc})")
+    except (ValueError, RecursionError) as exc:
+        problems.append(f"{index}: not valid JSON ({exc})")
+    else:
+        if not isinstance(config, dict):
+            problems.append(f"{index}: must be a JSON object")
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    if not scheduler.is_file():
+        problems.append(f"{scheduler}: missing")
     if not (path / "tokenizer").is_dir():
-        return "no tokenizer/"
+        problems.append(f"{path / 'tokenizer'}: no such folder")
     for component in ("unet", "vae", "text_encoder"):
-        weights = sorted((path / component).glob("*.safetensors"))
-        if not weights and not any((path / component).glob("*.bin")):
-            return f"no {component} weights"
+        folder = path / component
+        weights = sorted(folder.glob("*.safetensors"))
+        if not weights and not any(folder.glob("*.bin")):
+            problems.append(f"{folder}: no weights (*.safetensors or *.bin)")
         for file in weights:
             problem = _safetensors_problem(file)
             if problem:
-                return f"{component}/{file.name}: {problem}"
-    return None
+                problems.append(f"{file}: {problem}")
+    text_encoder = path / "text_encoder" / "config.json"
+    if not text_encoder.is_file():
+        problems.append(f"{text_encoder}: missing")
+    return problems
 
 
 def _safetensors_problem(file: Path) -> str | None:

@@ -62,22 +62,56 @@ class ModelRegistry:
         return {m.model_id: m.path for m in self._models.values()}
 
 
+class ModelConfigError(ValueError):
+    """A model folder's config file is missing, not JSON, or not what a diffusers SD model has:
+    names the model, the file and the problem."""
+
+    def __init__(self, model_id: str, file: Path, problem: str):
+        super().__init__(f"model '{model_id}': {file}: {problem}")
+        self.model_id = model_id
+        self.file = file
+        self.problem = problem
+
+
 def _read_model_info(model_id: str, spec: ModelSpec, max_steps: int) -> ModelInfo:
-    """Native size = UNet sample size x VAE scale factor (96 x 8 = 768 for SD 2.0 768-v)."""
+    """Native size = UNet sample size x VAE scale factor (96 x 8 = 768 for SD 2.0 768-v).
+
+    Raises ModelConfigError (a ValueError) for a missing UNet or VAE config, and for any config
+    it reads (those two, the scheduler's, the text encoder's) that is not a JSON object of the
+    expected fields."""
     path = Path(spec.path)
-    try:
-        unet = json.loads((path / "unet" / "config.json").read_text())
-        vae = json.loads((path / "vae" / "config.json").read_text())
-    except FileNotFoundError as exc:
-        raise ValueError(
-            f"model '{model_id}': {path} is not a diffusers model folder ({exc.filename} missing)"
-        ) from None
-    scheduler_file = path / "scheduler" / "scheduler_config.json"
-    scheduler = json.loads(scheduler_file.read_text()) if scheduler_file.exists() else {}
-    text_encoder_layers = _text_encoder_layers(path / "text_encoder" / "config.json")
-    scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    sample = unet["sample_size"]
-    height, width = (sample, sample) if isinstance(sample, int) else sample
+    configs = _Configs(model_id, path)
+    unet, unet_file = configs.read("unet/config.json")
+    vae, vae_file = configs.read("vae/config.json")
+    scheduler, scheduler_file = configs.read("scheduler/scheduler_config.json", required=False)
+    text_encoder, text_encoder_file = configs.read("text_encoder/config.json", required=False)
+
+    channels = vae.get("block_out_channels")
+    if not isinstance(channels, list) or not 1 <= len(channels) <= _MAX_VAE_BLOCKS:
+        raise configs.error(
+            vae_file, f"block_out_channels must be a list of 1 to {_MAX_VAE_BLOCKS} channel counts"
+        )
+    scale = 2 ** (len(channels) - 1)
+    sample = unet.get("sample_size")
+    if _positive_int(sample):
+        height, width = sample, sample
+    elif isinstance(sample, list) and len(sample) == 2 and all(map(_positive_int, sample)):
+        height, width = sample
+    else:
+        raise configs.error(unet_file, "sample_size must be a positive integer or [height, width]")
+    prediction_type = "epsilon"
+    if scheduler is not None:
+        prediction_type = scheduler.get("prediction_type", "epsilon")
+        if not isinstance(prediction_type, str):
+            raise configs.error(scheduler_file, "prediction_type must be a string")
+    text_encoder_layers = None
+    if text_encoder is not None:
+        text_encoder_layers = _text_encoder_layers(text_encoder)
+        if text_encoder_layers is None:
+            raise configs.error(
+                text_encoder_file,
+                "num_hidden_layers must be a positive integer (and text_config an object)",
+            )
     return ModelInfo(
         model_id=model_id,
         path=path,
@@ -85,28 +119,69 @@ def _read_model_info(model_id: str, spec: ModelSpec, max_steps: int) -> ModelInf
         height=spec.height or height * scale,
         # a spec's own default is validated against max_steps; the generic 30 is capped by it
         default_steps=spec.default_steps or min(30, max_steps),
-        prediction_type=scheduler.get("prediction_type", "epsilon"),
+        prediction_type=prediction_type,
         native_width=width * scale,
         native_height=height * scale,
         text_encoder_layers=text_encoder_layers,
     )
 
 
+# a VAE halves the size once per block after the first; SD's has 4 (scale 8)
+_MAX_VAE_BLOCKS = 8
+
+
+class _Configs:
+    """Reads one model folder's JSON configs, each refused with the model id and its path."""
+
+    def __init__(self, model_id: str, path: Path):
+        self.model_id = model_id
+        self.path = path
+
+    def error(self, file: Path, problem: str) -> ModelConfigError:
+        return ModelConfigError(self.model_id, file, problem)
+
+    def read(self, name: str, *, required: bool = True) -> tuple[dict | None, Path]:
+        """The config as a dict; None for a missing optional one."""
+        file = self.path / name
+        try:
+            text = file.read_bytes()
+        except FileNotFoundError:
+            if not required:
+                return None, file
+            raise self.error(
+                file, f"missing ({self.path} is not a diffusers model folder)"
+            ) from None
+        except OSError as exc:  # a folder where the file should be, no permission, ...
+            raise self.error(file, f"cannot be read ({exc.strerror or exc})") from None
+        try:
+            config = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise self.error(file, f"not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise self.error(file, f"must be a JSON object, not {_json_type(config)}")
+        return config, file
+
+
+def _json_type(value: object) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 # transformers' CLIPTextConfig default, for a config.json that does not spell it out
 CLIP_TEXT_DEFAULT_LAYERS = 12
 
 
-def _text_encoder_layers(config_file: Path) -> int | None:
-    """`num_hidden_layers` of the text encoder's config (5 for the tiny model, 23 for SD 2.x),
-    read once with the model's other configs; None when the file is missing or unreadable (the
-    engine then checks clip_skip when it loads the model)."""
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
+def _text_encoder_layers(config: dict) -> int | None:
+    """`num_hidden_layers` of the text encoder's config (5 for the tiny model, 23 for SD 2.x);
+    None when the config gives one that is not a positive integer."""
+    text_config = config.get("text_config")
+    if isinstance(text_config, dict):  # a full CLIPConfig: its text part
+        config = text_config
+    elif text_config is not None:
         return None
     layers = config.get("num_hidden_layers", CLIP_TEXT_DEFAULT_LAYERS)
-    if isinstance(config.get("text_config"), dict):  # a full CLIPConfig: its text part
-        layers = config["text_config"].get("num_hidden_layers", CLIP_TEXT_DEFAULT_LAYERS)
-    return layers if isinstance(layers, int) and not isinstance(layers, bool) else None
+    return layers if _positive_int(layers) else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,60 @@ def test_list_shows_the_vaes(env, capsys, tiny_model_dir, tmp_path):
     _, out, _ = run(capsys, "models", "list")
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     assert rows["crisp"][:3] == ["crisp", "folder", "ok"]
+
+
+def test_list_names_the_file_of_each_broken_folder_and_shows_the_others(
+    env, capsys, tiny_model_dir, tmp_path
+):
+    """One broken folder does not hide the others; each problem names its file."""
+    breakage = {
+        "unet-array": ("unet/config.json", "[]", "must be a JSON object, not an array"),
+        "te-json": ("text_encoder/config.json", "{not json", "not valid JSON (Expecting"),
+        "vae-field": ("vae/config.json", '{"latent_channels": 4}', "block_out_channels must"),
+        "index-json": ("model_index.json", "{", "not valid JSON"),
+        "index-array": ("model_index.json", "[]", "must be a JSON object"),
+        "te-missing": ("text_encoder/config.json", None, "missing"),
+        "scheduler": ("scheduler/scheduler_config.json", None, "missing"),
+    }
+    models = {"stable-diffu": str(tiny_model_dir)}
+    for model_id, (file, text, _) in breakage.items():
+        folder = tmp_path / model_id
+        shutil.copytree(tiny_model_dir, folder)
+        if text is None:
+            (folder / file).unlink()
+        else:
+            (folder / file).write_text(text)
+        models[model_id] = str(folder)
+    env(models=models)
+
+    document = list_json(capsys)
+    assert document["code"] == 1
+    status = {m["id"]: m["status"] for m in document["models"]}
+    assert status.pop("stable-diffu") == "ok"
+    for model_id, (file, _, problem) in breakage.items():
+        assert status[model_id].startswith(f"invalid: {tmp_path / model_id / file}: "), model_id
+        assert problem in status[model_id], model_id
+
+    code, out, err = run(capsys, "models", "list")  # the table, too, lists every folder
+    assert code == 1 and err == ""
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    assert "ok" in rows["stable-diffu"].split()
+    assert all(f"invalid: {tmp_path / model_id}" in rows[model_id] for model_id in breakage)
+
+
+def test_list_shows_every_problem_of_a_folder(env, capsys, tiny_model_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model_index.json").unlink()
+    shutil.rmtree(folder / "tokenizer")
+    for weights in (folder / "vae").glob("*.safetensors"):
+        weights.unlink()
+    env(models={"stable-diffu": str(folder)})
+    [model] = list_json(capsys)["models"]
+    assert model["status"] == (
+        f"invalid: {folder / 'model_index.json'}: missing; {folder / 'tokenizer'}: no such "
+        f"folder; {folder / 'vae'}: no weights (*.safetensors or *.bin)"
+    )
 
 
 def test_list_exits_0_when_every_model_is_servable(env, capsys, tiny_model_dir):
