@@ -203,18 +203,18 @@ def preflight(settings, app_args: dict, config_path: str) -> None:
             engine.dispose()
     except Exception as exc:  # any driver's error: its first line says what went wrong
         raise CommandError(
-            f"SDSERVE_DATABASE_URL: the database cannot be opened: {_first_line(exc)}"
+            f"SDSERVE_DATABASE_URL: the database cannot be opened: {first_line(exc)}"
         ) from None
     try:
         ImageStore(settings.image_store_url).check_writable()
     except Exception as exc:
         raise CommandError(
             f"SDSERVE_IMAGE_STORE_URL: {settings.image_store_url} cannot be written: "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from None
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 

@@ -185,10 +185,17 @@ def usage_command(args: argparse.Namespace, settings: Settings | None = None) ->
 
 @contextmanager
 def _sessions(settings: Settings | None) -> Iterator[sessionmaker]:
+    from service.cli import CommandError, first_line
+
     settings = settings or load_settings()
-    engine = make_engine(settings.database_url)
     try:
+        engine = make_engine(settings.database_url)
         migrate(engine)
+    except Exception as exc:  # any driver's error: its first line says what went wrong
+        raise CommandError(
+            f"SDSERVE_DATABASE_URL: the database cannot be opened: {first_line(exc)}"
+        ) from None
+    try:
         yield make_sessionmaker(engine)
     finally:
         engine.dispose()

@@ -189,3 +189,18 @@ def test_the_key_argument_help_says_it_takes_an_id(sdserve, capsys):
             sdserve("keys", command, "--help")
         text = " ".join(capsys.readouterr().out.split())  # as argparse wraps it
         assert "name the key's name, or its ID (keys list) when no key has that name" in text
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql+psycopg://u@127.0.0.1:1/db", "notaurl", "sqlite:////proc/nope/db"]
+)
+def test_a_database_that_cannot_be_opened_is_one_line_naming_the_setting(
+    url, monkeypatch, capsys
+):
+    from service.cli import main
+
+    monkeypatch.setenv("SDSERVE_DATABASE_URL", url)
+    assert main(["keys", "list"]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("sdserve: SDSERVE_DATABASE_URL: the database cannot be opened: ")
+    assert "Traceback" not in said and len(said.strip().splitlines()) == 1
