@@ -194,9 +194,7 @@ def test_the_key_argument_help_says_it_takes_an_id(sdserve, capsys):
 @pytest.mark.parametrize(
     "url", ["postgresql+psycopg://u@127.0.0.1:1/db", "notaurl", "sqlite:////proc/nope/db"]
 )
-def test_a_database_that_cannot_be_opened_is_one_line_naming_the_setting(
-    url, monkeypatch, capsys
-):
+def test_a_database_that_cannot_be_opened_is_one_line_naming_the_setting(url, monkeypatch, capsys):
     from service.cli import main
 
     monkeypatch.setenv("SDSERVE_DATABASE_URL", url)
