@@ -72,8 +72,9 @@ def plan_merge(
     x: torch.Tensor, height: int, width: int, ratio: float, cell_choice: torch.Tensor
 ) -> MergePlan:
     """The bipartite soft matching of `x` (rows, height * width, C), tokens in row-major grid
-    order. `cell_choice` (rows, cells) in 0..3 is each 2x2 cell's destination (row-major in the
-    cell); tokens outside whole cells (an odd last row or column) are sources."""
+    order, by cosine similarity of `x`. `cell_choice` (rows, cells) in 0..3 is each 2x2 cell's
+    destination (row-major in the cell); tokens outside whole cells (an odd last row or column)
+    are sources."""
     rows, tokens, _ = x.shape
     cells_y, cells_x = height // 2, width // 2
     device = x.device
@@ -145,13 +146,29 @@ class TokenMerging:
             return
         thread = threading.get_ident()
         choices = cell_choices(timesteps, (height // 2) * (width // 2))
+        block_inputs: dict[int, torch.Tensor] = {}  # attention module -> its block's input
         pending: dict[int, MergePlan] = {}  # attention module -> its call's plan
+
+        def block_entered(attention):
+            def hook(_block, args, kwargs):
+                if threading.get_ident() == thread:
+                    hidden = args[0] if args else kwargs.get("hidden_states")
+                    if hidden is not None:
+                        block_inputs[id(attention)] = hidden
+                return None
+
+            return hook
 
         def before(module, args, kwargs):
             hidden = args[0]
             if threading.get_ident() != thread or hidden.shape[1] != height * width:
                 return None
-            plan = plan_merge(hidden, height, width, self.ratio, choices)
+            # As ToMe for SD: tokens are matched by the transformer block's input, before
+            # norm1, and what attention takes (after it) is what is merged.
+            metric = block_inputs.pop(id(module), None)
+            if metric is None or metric.shape != hidden.shape:
+                metric = hidden
+            plan = plan_merge(metric, height, width, self.ratio, choices)
             pending[id(module)] = plan
             return (plan.merge(hidden), *args[1:]), kwargs
 
@@ -164,6 +181,9 @@ class TokenMerging:
             for module in unet.modules():
                 attention = getattr(module, "attn1", None)
                 if attention is not None and hasattr(module, "attn2"):
+                    handles.append(
+                        module.register_forward_pre_hook(block_entered(attention), with_kwargs=True)
+                    )
                     handles.append(attention.register_forward_pre_hook(before, with_kwargs=True))
                     handles.append(attention.register_forward_hook(after, with_kwargs=True))
             yield

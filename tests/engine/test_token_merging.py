@@ -100,6 +100,37 @@ def test_the_highest_attention_level_is_merged_by_the_ratio(engine):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
 
 
+def test_tokens_are_matched_by_the_blocks_input_before_its_norm(engine, monkeypatch):
+    """As ToMe for SD: similarity from the transformer block's input, not from norm1's output,
+    which is what attention takes (and what is merged)."""
+    from service.engine import token_merging
+
+    unet = engine.load("a").unet
+    block_inputs, attention_inputs, metrics = [], [], []
+    blocks = [m for m in unet.modules() if hasattr(m, "attn1") and hasattr(m, "attn2")]
+    handles = [
+        b.register_forward_pre_hook(lambda m, a, k: block_inputs.append(a[0]), with_kwargs=True)
+        for b in blocks
+    ] + [
+        b.norm1.register_forward_hook(lambda m, a, out: attention_inputs.append(out))
+        for b in blocks
+    ]
+    planned = token_merging.plan_merge
+
+    def recording(x, *args):
+        metrics.append(x)
+        return planned(x, *args)
+
+    monkeypatch.setattr(token_merging, "plan_merge", recording)
+    try:
+        image(engine, request(num_inference_steps=1, guidance_scale=1.0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert metrics and all(any(x is b for b in block_inputs) for x in metrics)
+    assert not any(x is a for x in metrics for a in attention_inputs)
+
+
 def test_merged_images_are_deterministic_and_independent_of_their_batch(engine):
     plain = image(engine, request(False))
     merged = image(engine, request())
