@@ -26,6 +26,7 @@ from service.registry import ModelRegistry
 from service.serving.generator import ReplicaUnusable
 from service.serving.logs import route_service_logs_through_serve
 from service.store.db import make_engine, make_sessionmaker, migrate
+from service.store.errors import KeyNameTaken
 from service.store.images import ImageStore
 from service.store.jobs import JobStore
 from service.store.keys import KeyStore, KeyValueTaken
@@ -67,6 +68,14 @@ def build_image_service(settings: Settings, generate, metrics=None) -> ImageServ
             key = keys.ensure(plaintext, name=name, plan=plan, balance=balance, admin=True)
         except KeyValueTaken as exc:
             log.error("%s: not seeding the key named %r: %s", setting, name, exc)
+            continue
+        except KeyNameTaken:
+            log.error(
+                "%s: not seeding it: the name %r belongs to a key made otherwise (another plan "
+                "or admin flag), which keeps it; this value works nowhere",
+                setting,
+                name,
+            )
             continue
         if key.revoked:
             log.warning(

@@ -188,7 +188,9 @@ class JobStore:
             # The key row's lock serializes every check-then-debit of one key (PostgreSQL);
             # SQLite's BEGIN IMMEDIATE already serializes all writers.
             row = conn.execute(_KEY_FOR_UPDATE, {"key_id": key.id}).first()
-            if row is None or row.revoked_at is not None:
+            # a key rotated since `key` was read (an ingress caches keys for seconds) has lost
+            # its old value at once
+            if row is None or row.revoked_at is not None or row.key_hash != key.key_hash:
                 raise InvalidApiKey()
             expires_at = as_utc(row.expires_at)
             if expires_at is not None and now >= expires_at:

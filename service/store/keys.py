@@ -13,7 +13,17 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Protocol
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, Integer, String, func, select
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Integer,
+    String,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -194,8 +204,9 @@ class KeyStore:
         value, and its id, plan, balance and ledger stay (a rotation is not a new account).
 
         Safe from several replicas at once: the row is changed under its lock, in one
-        transaction, and replicas starting with the same value all end with it. Raises
-        KeyValueTaken when `plaintext` is already the key of another name.
+        transaction, and replicas starting with the same value all end with it; the key's jobs
+        move with it. Raises KeyValueTaken when `plaintext` is already the key of another name,
+        KeyNameTaken when `name` is a key seeding did not make (another plan or admin flag).
         """
         key_hash = hash_key(plaintext)
         for attempt in range(2):
@@ -213,7 +224,12 @@ class KeyStore:
                     if row is None:
                         row = self._insert(session, plaintext, name, plan, balance, admin)
                         return KeyRecord.of(row)
+                    if Plan(row.plan) is not Plan(plan) or bool(row.admin) is not admin:
+                        # not a key seeding made (one `sdserve keys create` made under this
+                        # name): its holder keeps it, and the configured value is not seeded
+                        raise KeyNameTaken(name)
                     was_revoked = row.revoked_at is not None
+                    _move_jobs(session, row.key_hash, key_hash)
                     row.key_hash = key_hash
                     row.revoked_at = None
                     session.flush()
@@ -365,3 +381,11 @@ class KeyStore:
                 f"is at most {format_usd(MAX_USD)} USD"
             )
         post_topup(session, row, micros, now=self._clock())
+
+
+def _move_jobs(session: Session, old_hash: str, new_hash: str) -> None:
+    """A rotated key keeps its jobs: fetching them, their idempotency keys, the concurrency
+    count and the take-over of orphans all find a job's key by its hash."""
+    from service.store.jobs import Job
+
+    session.execute(update(Job).where(Job.key_hash == old_hash).values(key_hash=new_hash))

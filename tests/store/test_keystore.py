@@ -15,7 +15,7 @@ import pytest
 
 from service.config import Settings
 from service.pricing import MAX_USD, Plan
-from service.store.errors import InvalidApiKey, KeyNameTaken, KeyNotFound
+from service.store.errors import DuplicateRequest, InvalidApiKey, KeyNameTaken, KeyNotFound
 from service.store.keys import KeyStore, KeyValueTaken, hash_key
 from service.store.ledger import EntryKind
 from tests.store.conftest import submit_job
@@ -168,6 +168,31 @@ def test_a_changed_value_rotates_the_named_key_and_keeps_its_account(db, caplog)
     [logged] = rotations(caplog)
     assert "'admin'" in logged and "sk-" not in logged and "new-admin" not in logged
     assert [k.name for k in keys.list()] == ["admin"]
+
+
+def test_a_rotated_key_keeps_its_jobs_and_its_old_value_creates_none(db):
+    keys, jobs = db.keys(), db.jobs()
+    old = keys.ensure("sk-old", "demo", Plan.PAY_PER_USE, Decimal("1"), admin=True)
+    running = submit_job(jobs, old, idempotency_key="idem-1")
+    new = keys.ensure("sk-new", "demo", Plan.PAY_PER_USE, Decimal("1"), admin=True)
+
+    # fetching, the concurrency count and orphan take-over find a job's key by its hash
+    assert jobs.get(running.id).key_hash == new.key_hash == keys.by_hash(new.key_hash).key_hash
+    assert jobs.count_processing(new.key_hash) == 1
+    with pytest.raises(DuplicateRequest):  # a retry after the rotation: not charged again
+        submit_job(jobs, keys.authenticate("sk-new"), idempotency_key="idem-1")
+    with pytest.raises(InvalidApiKey):  # a record read with the old value (an ingress cache)
+        submit_job(jobs, old)
+    assert keys.get(new.id).balance_micros == 10**6 - 4_700
+    assert db.ledger().audit() == []
+
+
+def test_a_name_taken_by_a_key_made_otherwise_is_not_rotated(db):
+    keys = db.keys()
+    secret, theirs = keys.create("admin", Plan.FREE)  # `sdserve keys create --name admin`
+    with pytest.raises(KeyNameTaken):
+        keys.ensure("sk-configured", "admin", Plan.PREMIUM, admin=True)
+    assert keys.authenticate(secret) == theirs and keys.authenticate("sk-configured") is None
 
 
 def test_a_revoked_key_stays_revoked_until_its_value_changes(db, caplog):
