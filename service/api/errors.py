@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.store.db import rolled_back
+
 log = logging.getLogger(__name__)
 
 DATABASE_RETRY_AFTER_S = 5.0
@@ -158,9 +160,7 @@ def install_error_handlers(app: FastAPI, strict: bool) -> None:
     @app.exception_handler(OperationalError)
     async def _database_down(request: Request, exc: OperationalError):
         first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        # SQLSTATE class 40 (deadlock, serialization failure): the database answered, and
-        # rolled this transaction back in favour of another one
-        if str(getattr(exc.orig, "sqlstate", "") or "").startswith("40"):
+        if rolled_back(exc):  # what is left after the store's own tries
             log.error("database transaction rolled back: %s", first_line)
             reason = "the database rolled this request back to resolve a conflict"
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, MetaData, create_engine, event, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -123,6 +125,32 @@ class Sessions(sessionmaker):
         engine = self.kw["bind"]
         with _WRITE_LOCKS.get(engine) or contextlib.nullcontext(), engine.begin() as conn:
             yield conn
+
+
+# Runs of a transaction the database rolled back to resolve a conflict, the first included
+ROLLED_BACK_ATTEMPTS = 3
+
+
+def rolled_back(exc: BaseException) -> bool:
+    """Whether the database answered, and rolled this transaction back in favour of another
+    (SQLSTATE class 40: deadlock, serialization failure): nothing of it was written."""
+    orig = getattr(exc, "orig", None)
+    return str(getattr(orig, "sqlstate", "") or "").startswith("40")
+
+
+def retried_when_rolled_back(method):
+    """Run a method that is one write transaction again when the database rolled it back."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        for attempt in range(1, ROLLED_BACK_ATTEMPTS + 1):
+            try:
+                return method(*args, **kwargs)
+            except OperationalError as exc:
+                if attempt == ROLLED_BACK_ATTEMPTS or not rolled_back(exc):
+                    raise
+
+    return run
 
 
 def make_sessionmaker(engine: Engine) -> Sessions:

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from service.config import Settings
 from service.pricing import PlanLimits, usd_to_micros
-from service.store.db import Base, Sessions
+from service.store.db import Base, Sessions, retried_when_rolled_back
 from service.store.errors import (
     ConcurrencyLimitExceeded,
     DuplicateRequest,
@@ -154,6 +154,7 @@ class JobStore:
         )
         self._clock = clock or (lambda: datetime.now(UTC))
 
+    @retried_when_rolled_back
     def create(
         self,
         *,

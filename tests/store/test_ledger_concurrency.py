@@ -186,3 +186,35 @@ def test_two_sweeps_giving_up_orphans_of_the_same_keys_do_not_deadlock(db, monke
     assert outcomes["second"] == ([], orphans[2:]), outcomes["second"]
     assert keys.get(a.id).balance_micros == keys.get(b.id).balance_micros - 4_700  # the request
     assert db.ledger().audit() == []
+
+
+class _RolledBack(Exception):
+    sqlstate = "40P01"  # how psycopg's DeadlockDetected carries it
+
+
+@pytest.mark.parametrize(("sqlstate", "runs"), [("40P01", 2), ("40001", 2), ("08006", 1)])
+def test_a_request_the_database_rolled_back_is_run_again(db, monkeypatch, sqlstate, runs):
+    """A deadlock victim or serialization failure wrote nothing: accepting the request again is
+    safe, and better than a 503. A lost connection (08006) is not retried here."""
+    keys, jobs = db.keys(), db.jobs()
+    _, key = keys.create("alice", Plan.PAY_PER_USE, balance=Decimal("1"))
+    write = jobs._sessions.write
+    calls = []
+
+    def first_one_rolled_back():
+        calls.append(1)
+        if len(calls) == 1:
+            orig = _RolledBack("deadlock detected")
+            orig.sqlstate = sqlstate
+            raise OperationalError("SELECT ... FOR UPDATE", {}, orig)
+        return write()
+
+    monkeypatch.setattr(jobs._sessions, "write", first_one_rolled_back)
+    if runs == 1:
+        with pytest.raises(OperationalError):
+            one_image_request(jobs, key)
+    else:
+        one_image_request(jobs, key)
+    assert len(calls) == runs
+    assert keys.get(key.id).balance_micros == 10**6 - (4_700 if runs == 2 else 0)
+    assert db.ledger().audit() == []
