@@ -171,6 +171,25 @@ def test_invalid_batches_raise_value_error(engine):
         engine.generate([])
 
 
+def stock_output(pipe, scheduler, params: GenerationParams, output_type: str):
+    """`StableDiffusionPipeline.__call__` on the engine's components with `scheduler`, image i
+    seeded seed + i as the engine does: its images ("np") or latents ("latent")."""
+    stock = StableDiffusionPipeline(**pipe.components)
+    stock.set_progress_bar_config(disable=True)
+    stock.scheduler = scheduler
+    return stock(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        width=params.width,
+        height=params.height,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        num_images_per_prompt=params.samples,
+        generator=[torch.Generator().manual_seed(params.seed + i) for i in range(params.samples)],
+        output_type=output_type,
+    ).images
+
+
 @pytest.mark.parametrize(
     ("scheduler", "guidance_scale", "samples"),
     [
@@ -192,23 +211,10 @@ def test_matches_stock_diffusers_pipeline(engine, scheduler, guidance_scale, sam
     ours = engine.generate([params])[0].images
 
     pipe = engine.load(MODEL)
-    stock = StableDiffusionPipeline(**pipe.components)
-    stock.set_progress_bar_config(disable=True)
-    stock.scheduler = build_scheduler(
+    stock_scheduler = build_scheduler(
         pipe.scheduler.config, scheduler, params.use_karras_sigmas, params.algorithm_type
     )
-    generators = [torch.Generator().manual_seed(params.seed + i) for i in range(samples)]
-    reference = stock(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        width=params.width,
-        height=params.height,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        num_images_per_prompt=samples,
-        generator=generators,
-        output_type="np",
-    ).images
+    reference = stock_output(pipe, stock_scheduler, params, "np")
     assert len(ours) == len(reference) == samples
     for image, expected in zip(ours, reference, strict=True):
         assert np.abs(image.astype(np.float64) - expected * 255).max() <= 1.0
@@ -271,20 +277,8 @@ def test_latents_match_stock_diffusers_for_every_scheduler(
         if options["algorithm_type"] in ("dpmsolver", "sde-dpmsolver"):
             # stock refuses its own default final sigma for these: the engine's documented choice
             options["final_sigmas_type"] = "sigma_min"
-    stock = StableDiffusionPipeline(**pipe.components)
-    stock.set_progress_bar_config(disable=True)
-    stock.scheduler = cls.from_config(pipe.scheduler.config, **options)
-    reference = stock(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        width=params.width,
-        height=params.height,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        num_images_per_prompt=params.samples,
-        generator=[torch.Generator().manual_seed(params.seed + i) for i in range(2)],
-        output_type="latent",
-    ).images.double()
+    stock_scheduler = cls.from_config(pipe.scheduler.config, **options)
+    reference = stock_output(pipe, stock_scheduler, params, "latent").double()
     assert ours.shape == reference.shape
     assert (ours - reference).abs().max() <= 1e-6 * reference.abs().max()
 
