@@ -178,7 +178,6 @@ def preflight(settings, app_args: dict, config_path: str) -> None:
 
     from service.registry import ModelRegistry
     from service.serving.app import AppConfig
-    from service.store.db import make_engine, migrate
     from service.store.images import ImageStore
 
     try:
@@ -195,16 +194,7 @@ def preflight(settings, app_args: dict, config_path: str) -> None:
         settings.check_folders()
     except ValueError as exc:
         raise CommandError(f"SDSERVE_{str(exc).split()[0].upper()}: {exc}") from None
-    try:
-        engine = make_engine(settings.database_url)
-        try:
-            migrate(engine)
-        finally:
-            engine.dispose()
-    except Exception as exc:  # any driver's error: its first line says what went wrong
-        raise CommandError(
-            f"SDSERVE_DATABASE_URL: the database cannot be opened: {first_line(exc)}"
-        ) from None
+    migrated_engine(settings.database_url).dispose()
     try:
         ImageStore(settings.image_store_url).check_writable()
     except Exception as exc:
@@ -212,6 +202,21 @@ def preflight(settings, app_args: dict, config_path: str) -> None:
             f"SDSERVE_IMAGE_STORE_URL: {settings.image_store_url} cannot be written: "
             f"{first_line(exc)}"
         ) from None
+
+
+def migrated_engine(database_url: str):
+    """An engine on the database with its schema brought up to date; CommandError naming
+    SDSERVE_DATABASE_URL when it cannot be opened."""
+    from service.store.db import make_engine, migrate
+
+    try:
+        engine = make_engine(database_url)
+        migrate(engine)
+    except Exception as exc:  # any driver's error: its first line says what went wrong
+        raise CommandError(
+            f"SDSERVE_DATABASE_URL: the database cannot be opened: {first_line(exc)}"
+        ) from None
+    return engine
 
 
 def first_line(exc: Exception) -> str:

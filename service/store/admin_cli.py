@@ -19,7 +19,7 @@ from sqlalchemy.orm import sessionmaker
 
 from service.config import Settings, load_settings
 from service.pricing import MAX_USD, Plan, format_usd, usd_to_micros
-from service.store.db import make_engine, make_sessionmaker, migrate
+from service.store.db import make_sessionmaker
 from service.store.errors import StoreError
 from service.store.keys import KeyStore
 from service.store.ledger import Ledger, usage_document
@@ -185,16 +185,9 @@ def usage_command(args: argparse.Namespace, settings: Settings | None = None) ->
 
 @contextmanager
 def _sessions(settings: Settings | None) -> Iterator[sessionmaker]:
-    from service.cli import CommandError, first_line
+    from service.cli import migrated_engine
 
-    settings = settings or load_settings()
-    try:
-        engine = make_engine(settings.database_url)
-        migrate(engine)
-    except Exception as exc:  # any driver's error: its first line says what went wrong
-        raise CommandError(
-            f"SDSERVE_DATABASE_URL: the database cannot be opened: {first_line(exc)}"
-        ) from None
+    engine = migrated_engine((settings or load_settings()).database_url)
     try:
         yield make_sessionmaker(engine)
     finally:
